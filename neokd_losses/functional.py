@@ -1,0 +1,22 @@
+"""Functional forms of the losses: pure functions of logits, no state.
+
+Example:
+    >>> import torch
+    >>> from neokd_losses.functional import neokd_loss
+    >>> clean = [torch.randn(4, 10) for _ in range(3)]
+    >>> adv = [torch.randn(4, 10) for _ in range(3)]
+    >>> neokd_loss(adv, clean, torch.tensor([0, 1, 2, 3])).shape
+    torch.Size([])
+"""
+
+from .losses.neighbor import neighbor_kd, neighbor_weights
+from .losses.neokd import neokd_loss
+from .losses.orthogonal import exitwise_orthogonal_kd, orthogonal_label_mask
+
+__all__ = [
+    "exitwise_orthogonal_kd",
+    "neighbor_kd",
+    "neighbor_weights",
+    "neokd_loss",
+    "orthogonal_label_mask",
+]

@@ -1,0 +1,179 @@
+"""Neighbour knowledge distillation (NKD), the first of NEO-KD's two distillation terms.
+
+Inputs are *logits* (unnormalised scores) of every exit, on clean and on adversarial
+inputs; probabilities are formed inside with a softmax at temperature T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._exits import (
+    ExitLogits,
+    ExitWeights,
+    Reduction,
+    as_exit_weights,
+    check_reduction,
+    check_same_exits,
+    check_temperature,
+    reduce_exits,
+    stack_exits,
+)
+from ._soft import soft_cross_entropy
+
+__all__ = ["NeighborKD", "neighbor_kd", "neighbor_weights"]
+
+
+def neighbor_weights(num_exits: int) -> Tensor:
+    """The (E, E) averaging matrix of the neighbour teachers.
+
+    Row i holds the weights with which the clean predictions of all exits enter exit i's
+    teacher: 1/3 on exits i-1, i, i+1 for an inner exit; 1/2 on the first two exits for
+    the first exit and on the last two for the last; a single exit is its own teacher.
+
+    Args:
+        num_exits: the number of exits E >= 1.
+
+    Returns:
+        A float32 tensor (E, E) whose rows sum to 1.
+
+    Example:
+        >>> neighbor_weights(4)
+        tensor([[0.5000, 0.5000, 0.0000, 0.0000],
+                [0.3333, 0.3333, 0.3333, 0.0000],
+                [0.0000, 0.3333, 0.3333, 0.3333],
+                [0.0000, 0.0000, 0.5000, 0.5000]])
+    """
+    if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
+        raise ValueError(f"`num_exits` must be an int >= 1, got {num_exits!r}.")
+    idx = torch.arange(num_exits)
+    adjacent = (idx[:, None] - idx[None, :]).abs() <= 1
+    weights = adjacent.float()
+    return weights / weights.sum(1, keepdim=True)
+
+
+def _neighbor_kd_terms(
+    adv: Tensor, clean: Tensor, temperature: float, detach_teacher: bool
+) -> Tensor:
+    """Unweighted NKD per exit and sample, (E, B), on stacked, validated logits."""
+    teacher_logits = clean.detach() if detach_teacher else clean
+    probs = F.softmax(teacher_logits / temperature, dim=-1)
+    mix = neighbor_weights(adv.shape[0]).to(device=probs.device, dtype=probs.dtype)
+    teacher = torch.einsum("ij,jbk->ibk", mix, probs)
+    return soft_cross_entropy(adv, teacher, temperature) * temperature**2
+
+
+def neighbor_kd(
+    adv_logits: ExitLogits,
+    clean_logits: ExitLogits,
+    *,
+    temperature: float = 1.0,
+    exit_weights: ExitWeights = None,
+    reduction: Reduction = "mean",
+    detach_teacher: bool = True,
+) -> Tensor:
+    r"""Neighbour knowledge distillation (NKD) of NEO-KD (Ham et al., NeurIPS 2023).
+
+    Exit i's prediction on the adversarial input is distilled from the average of the
+    clean predictions of exit i and its direct neighbours:
+
+    .. math::
+        \mathrm{NKD}_{ij} = T^2\, ℓ\Big(f_i(x_j^{adv}),\ \tfrac{1}{|N_i|}\textstyle\sum_{n \in N_i} f_n(x_j)\Big),
+        \quad N_i = \{i-1, i, i+1\} \cap \{1..E\}
+
+    with :math:`N_1 = \{1, 2\}`, :math:`N_E = \{E-1, E\}`, and :math:`N_1 = \{1\}` when
+    E = 1 (self-distillation from clean to adversarial). Probabilities are averaged, not
+    logits. ``f`` is the softmax at temperature T; ℓ is the soft-target cross-entropy.
+
+    Args:
+        adv_logits: the student side, logits of every exit on adversarial inputs.
+        clean_logits: the teacher side, logits of every exit on the clean inputs.
+        temperature: T > 0 dividing both sides' logits; the loss is scaled by T².
+        exit_weights: per-exit weights γ (E,), default all ones.
+        reduction: ``"mean"`` (sum over exits, mean over the batch), ``"sum"`` or
+            ``"none"``.
+        detach_teacher: stop gradients through the clean (teacher) side. Default True.
+
+    Returns:
+        A scalar, or (E, B) for ``reduction="none"``; float32 for half-precision inputs.
+
+    Raises:
+        TypeError: if the logits are not sequences of floating-point tensors.
+        ValueError: for exits of different shapes, adversarial and clean lists of
+            different lengths, bad ``exit_weights``, ``temperature`` or ``reduction``.
+
+    Shape:
+        - adv_logits, clean_logits: sequences of E tensors (B, K).
+        - output: () or (E, B).
+
+    Example:
+        >>> import torch
+        >>> clean = [torch.randn(8, 10) for _ in range(3)]
+        >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
+        >>> loss = neighbor_kd(adv, clean)
+        >>> loss.backward()
+        >>> neighbor_kd(adv, clean, reduction="none").shape
+        torch.Size([3, 8])
+    """
+    t = check_temperature(temperature)
+    check_reduction(reduction)
+    adv = stack_exits(adv_logits, "adv_logits")
+    clean = stack_exits(clean_logits, "clean_logits")
+    check_same_exits(adv, clean, ("adv_logits", "clean_logits"))
+    weights = as_exit_weights(exit_weights, adv.shape[0])
+    loss = _neighbor_kd_terms(adv, clean.to(adv.dtype), t, detach_teacher)
+    if weights is not None:
+        loss = loss * weights.to(loss)[:, None]
+    return reduce_exits(loss, reduction)
+
+
+class NeighborKD(nn.Module):
+    """Neighbour knowledge distillation as a module; see :func:`neighbor_kd` for the formula.
+
+    Args:
+        temperature: T > 0 dividing both sides' logits; the loss is scaled by T².
+        exit_weights: per-exit weights γ (E,), a registered buffer; default all ones.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        detach_teacher: stop gradients through the clean (teacher) side. Default True.
+
+    Shape:
+        - adv_logits, clean_logits: sequences of E tensors (B, K).
+        - output: () or (E, B) for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> criterion = NeighborKD(exit_weights=[1.0, 1.0, 1.5])
+        >>> clean = [torch.randn(8, 10) for _ in range(3)]
+        >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
+        >>> criterion(adv, clean).backward()
+    """
+
+    exit_weights: Tensor | None
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        exit_weights: ExitWeights = None,
+        reduction: Reduction = "mean",
+        detach_teacher: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.reduction: Reduction = check_reduction(reduction)
+        self.detach_teacher = detach_teacher
+        self.register_buffer("exit_weights", as_exit_weights(exit_weights))
+
+    def forward(self, adv_logits: ExitLogits, clean_logits: ExitLogits) -> Tensor:
+        return neighbor_kd(
+            adv_logits,
+            clean_logits,
+            temperature=self.temperature,
+            exit_weights=self.exit_weights,
+            reduction=self.reduction,
+            detach_teacher=self.detach_teacher,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"

@@ -1,0 +1,296 @@
+"""The full NEO-KD objective: clean and adversarial cross-entropy plus NKD and EOKD.
+
+Inputs are *logits* of every exit on clean and adversarial inputs, and class-index targets.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple, overload
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._exits import (
+    ExitLogits,
+    ExitWeights,
+    Reduction,
+    as_exit_weights,
+    check_reduction,
+    check_same_exits,
+    check_targets,
+    check_temperature,
+    reduce_exits,
+    stack_exits,
+)
+from .neighbor import _neighbor_kd_terms
+from .orthogonal import _check_mask, _orthogonal_kd_terms, orthogonal_label_mask
+
+__all__ = ["NEOKDLoss", "NEOKDTerms", "neokd_loss"]
+
+
+class NEOKDTerms(NamedTuple):
+    """The NEO-KD objective and its parts, each reduced like the total.
+
+    ``total = clean_ce + adv_ce + alpha * nkd + beta * eokd``, where ``nkd`` and ``eokd``
+    are already weighted by the exit weights γ but not by alpha and beta. A term whose
+    coefficient is 0 is not computed and reported as zeros.
+    """
+
+    total: Tensor
+    clean_ce: Tensor
+    adv_ce: Tensor
+    nkd: Tensor
+    eokd: Tensor
+
+
+def _check_coefficient(name: str, value: float) -> float:
+    v = float(value)
+    if not (v >= 0 and v != float("inf")):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+    return v
+
+
+@overload
+def neokd_loss(
+    adv_logits: ExitLogits,
+    clean_logits: ExitLogits,
+    targets: Tensor,
+    *,
+    alpha: float = ...,
+    beta: float = ...,
+    exit_weights: ExitWeights = ...,
+    temperature: float = ...,
+    mask: Tensor | None = ...,
+    generator: torch.Generator | None = ...,
+    reduction: Reduction = ...,
+    detach_teacher: bool = ...,
+    return_terms: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def neokd_loss(
+    adv_logits: ExitLogits,
+    clean_logits: ExitLogits,
+    targets: Tensor,
+    *,
+    alpha: float = ...,
+    beta: float = ...,
+    exit_weights: ExitWeights = ...,
+    temperature: float = ...,
+    mask: Tensor | None = ...,
+    generator: torch.Generator | None = ...,
+    reduction: Reduction = ...,
+    detach_teacher: bool = ...,
+    return_terms: Literal[True],
+) -> NEOKDTerms: ...
+
+
+def neokd_loss(
+    adv_logits: ExitLogits,
+    clean_logits: ExitLogits,
+    targets: Tensor,
+    *,
+    alpha: float = 3.0,
+    beta: float = 1.0,
+    exit_weights: ExitWeights = None,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: Reduction = "mean",
+    detach_teacher: bool = True,
+    return_terms: bool = False,
+) -> Tensor | NEOKDTerms:
+    r"""The NEO-KD training objective (Ham et al., NeurIPS 2023, eq. 5).
+
+    .. math::
+        L = \frac{1}{B}\sum_j \sum_i \Big[ ℓ(f_i(x_j), y_j) + ℓ(f_i(x_j^{adv}), y_j)
+            + γ_i\big(α\, \mathrm{NKD}_{ij} + β\, \mathrm{EOKD}_{ij}\big) \Big]
+
+    with NKD from :func:`~neokd_losses.functional.neighbor_kd` and EOKD from
+    :func:`~neokd_losses.functional.exitwise_orthogonal_kd`. The temperature applies to
+    the two distillation terms only (scaled by T²); the cross-entropies use T = 1. The
+    clean logits receive gradients through their cross-entropy; as teachers they are
+    detached by default. The paper uses α = 3, β = 1 and γ = 1 for the first three exits,
+    1.5 for later ones on 5- and 7-exit networks. ``alpha=0`` gives the EOKD-only
+    ablation, ``beta=0`` the NKD-only one, and ``alpha=beta=0`` plain adversarial
+    training on the summed per-exit cross-entropies.
+
+    Args:
+        adv_logits: logits of every exit on the adversarial inputs.
+        clean_logits: logits of every exit on the clean inputs.
+        targets: class indices (B,).
+        alpha: weight α >= 0 of NKD.
+        beta: weight β >= 0 of EOKD.
+        exit_weights: per-exit weights γ (E,) of the distillation terms; default all ones.
+        temperature: T > 0 of the distillation terms.
+        mask: a fixed (E, B, K) orthogonal selection; default a fresh draw per call.
+        generator: a ``torch.Generator`` for the fresh mask.
+        reduction: ``"mean"`` (sum over exits, mean over the batch), ``"sum"`` or ``"none"``.
+        detach_teacher: stop gradients through the clean side of NKD and EOKD.
+        return_terms: return :class:`NEOKDTerms` (total and parts) instead of the total.
+
+    Returns:
+        The loss (a scalar, or (E, B) for ``reduction="none"``), or its terms; float32
+        for half-precision inputs.
+
+    Raises:
+        TypeError: for logits that are not sequences of float tensors or non-integer
+            targets.
+        ValueError: for mismatched shapes, targets out of range, negative α or β, bad
+            ``exit_weights``, ``temperature`` or ``reduction``, or K - 1 < E with β > 0.
+
+    Shape:
+        - adv_logits, clean_logits: sequences of E tensors (B, K).
+        - targets: (B,); mask: (E, B, K).
+        - output: () or (E, B).
+
+    Example:
+        >>> import torch
+        >>> clean = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
+        >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
+        >>> targets = torch.randint(0, 10, (8,))
+        >>> terms = neokd_loss(adv, clean, targets, return_terms=True)
+        >>> terms.total.backward()
+        >>> sorted(terms._fields)
+        ['adv_ce', 'clean_ce', 'eokd', 'nkd', 'total']
+    """
+    a = _check_coefficient("alpha", alpha)
+    b = _check_coefficient("beta", beta)
+    t = check_temperature(temperature)
+    check_reduction(reduction)
+    adv = stack_exits(adv_logits, "adv_logits")
+    clean = stack_exits(clean_logits, "clean_logits").to(adv.dtype)
+    check_same_exits(adv, clean, ("adv_logits", "clean_logits"))
+    num_exits, batch, num_classes = adv.shape
+    check_targets(targets, batch, num_classes)
+    weights = as_exit_weights(exit_weights, num_exits)
+
+    flat_targets = targets.long().repeat(num_exits)
+    clean_ce = F.cross_entropy(clean.flatten(0, 1), flat_targets, reduction="none")
+    adv_ce = F.cross_entropy(adv.flatten(0, 1), flat_targets, reduction="none")
+    clean_ce = clean_ce.view(num_exits, batch)
+    adv_ce = adv_ce.view(num_exits, batch)
+
+    zeros = adv.new_zeros(num_exits, batch)
+    nkd = _neighbor_kd_terms(adv, clean, t, detach_teacher) if a else zeros
+    if b:
+        if mask is None:
+            mask = orthogonal_label_mask(targets, num_exits, num_classes, generator=generator)
+        else:
+            _check_mask(mask, adv.shape)
+        eokd = _orthogonal_kd_terms(adv, clean, mask.to(adv.device), t, detach_teacher)
+    else:
+        eokd = zeros
+    if weights is not None:
+        gamma = weights.to(adv)[:, None]
+        nkd, eokd = nkd * gamma, eokd * gamma
+    total = clean_ce + adv_ce + a * nkd + b * eokd
+    if not return_terms:
+        return reduce_exits(total, reduction)
+    return NEOKDTerms(
+        *(reduce_exits(term, reduction) for term in (total, clean_ce, adv_ce, nkd, eokd))
+    )
+
+
+class NEOKDLoss(nn.Module):
+    """The NEO-KD objective as a module; see :func:`~neokd_losses.functional.neokd_loss`.
+
+    Args:
+        alpha: weight α >= 0 of neighbour KD (paper: 3).
+        beta: weight β >= 0 of exit-wise orthogonal KD (paper: 1).
+        exit_weights: per-exit weights γ (E,) of the distillation terms, a registered
+            buffer; default all ones (paper: ``[1, 1, 1, 1.5, 1.5]`` for 5 exits).
+        temperature: T > 0 of the distillation terms.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        generator: a ``torch.Generator`` for reproducible orthogonal masks.
+        detach_teacher: stop gradients through the clean side of NKD and EOKD.
+
+    Shape:
+        - adv_logits, clean_logits: sequences of E tensors (B, K); targets: (B,).
+        - output: () or (E, B) for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> criterion = NEOKDLoss(alpha=3.0, beta=1.0)
+        >>> clean = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
+        >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
+        >>> targets = torch.randint(0, 10, (8,))
+        >>> criterion(adv, clean, targets).backward()
+        >>> criterion(adv, clean, targets, return_terms=True).nkd.shape
+        torch.Size([])
+    """
+
+    exit_weights: Tensor | None
+
+    def __init__(
+        self,
+        alpha: float = 3.0,
+        beta: float = 1.0,
+        exit_weights: ExitWeights = None,
+        temperature: float = 1.0,
+        reduction: Reduction = "mean",
+        generator: torch.Generator | None = None,
+        detach_teacher: bool = True,
+    ) -> None:
+        super().__init__()
+        self.alpha = _check_coefficient("alpha", alpha)
+        self.beta = _check_coefficient("beta", beta)
+        self.temperature = check_temperature(temperature)
+        self.reduction: Reduction = check_reduction(reduction)
+        self.generator = generator
+        self.detach_teacher = detach_teacher
+        self.register_buffer("exit_weights", as_exit_weights(exit_weights))
+
+    @overload
+    def forward(
+        self,
+        adv_logits: ExitLogits,
+        clean_logits: ExitLogits,
+        targets: Tensor,
+        *,
+        mask: Tensor | None = ...,
+        return_terms: Literal[False] = ...,
+    ) -> Tensor: ...
+
+    @overload
+    def forward(
+        self,
+        adv_logits: ExitLogits,
+        clean_logits: ExitLogits,
+        targets: Tensor,
+        *,
+        mask: Tensor | None = ...,
+        return_terms: Literal[True],
+    ) -> NEOKDTerms: ...
+
+    def forward(
+        self,
+        adv_logits: ExitLogits,
+        clean_logits: ExitLogits,
+        targets: Tensor,
+        *,
+        mask: Tensor | None = None,
+        return_terms: bool = False,
+    ) -> Tensor | NEOKDTerms:
+        return neokd_loss(  # type: ignore[call-overload, no-any-return]
+            adv_logits,
+            clean_logits,
+            targets,
+            alpha=self.alpha,
+            beta=self.beta,
+            exit_weights=self.exit_weights,
+            temperature=self.temperature,
+            mask=mask,
+            generator=self.generator,
+            reduction=self.reduction,
+            detach_teacher=self.detach_teacher,
+            return_terms=return_terms,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}"
+        )

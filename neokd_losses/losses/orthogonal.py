@@ -1,0 +1,271 @@
+"""Exit-wise orthogonal knowledge distillation (EOKD), NEO-KD's second distillation term.
+
+Inputs are *logits* of every exit on clean and adversarial inputs, and class-index
+targets. The orthogonal labelling keeps, for each exit, the ground-truth class and a
+random set of ⌊(K-1)/E⌋ other classes, disjoint across the exits of one sample.
+
+Mask redraw: the paper does not say how often the random selection is drawn. This library
+draws a fresh, independent selection per sample and per call by default; pass ``mask`` (for
+example from :func:`orthogonal_label_mask` with a seeded ``torch.Generator``) to pin it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._exits import (
+    ExitLogits,
+    ExitWeights,
+    Reduction,
+    as_exit_weights,
+    check_reduction,
+    check_same_exits,
+    check_targets,
+    check_temperature,
+    reduce_exits,
+    stack_exits,
+)
+from ._soft import soft_cross_entropy
+
+__all__ = ["ExitwiseOrthogonalKD", "exitwise_orthogonal_kd", "orthogonal_label_mask"]
+
+
+def orthogonal_label_mask(
+    targets: Tensor,
+    num_exits: int,
+    num_classes: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw the exit-wise orthogonal label selection of EOKD.
+
+    For every sample b, the K - 1 non-target classes are shuffled and dealt out in blocks of
+    m = ⌊(K-1)/E⌋: exit e keeps the e-th block. Every exit also keeps the target class.
+    So each exit keeps exactly m non-target classes, no non-target class is kept by two
+    exits of one sample, and the (K-1) mod E classes left over are kept by none. One
+    vectorised draw for the whole batch; no loop over samples.
+
+    Args:
+        targets: class indices (B,), integer dtype, values in [0, K).
+        num_exits: E >= 1.
+        num_classes: K, with K - 1 >= E so that every exit keeps at least one class.
+        generator: a ``torch.Generator`` for reproducible draws (its device is used for
+            drawing; the mask lands on ``targets.device``).
+
+    Returns:
+        A bool tensor (E, B, K), True where exit e keeps class k for sample b.
+
+    Raises:
+        TypeError: if ``targets`` is not an integer tensor.
+        ValueError: if K - 1 < E, or ``targets`` has the wrong shape or range.
+
+    Shape:
+        - targets: (B,).
+        - output: (E, B, K).
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> mask = orthogonal_label_mask(torch.tensor([0, 3]), num_exits=3, num_classes=10, generator=g)
+        >>> mask.shape, mask.sum(-1).tolist()
+        (torch.Size([3, 2, 10]), [[4, 4], [4, 4], [4, 4]])
+        >>> bool(mask[:, 0, 0].all())  # the target class is kept by every exit
+        True
+    """
+    for name, value in (("num_exits", num_exits), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    per_exit = (num_classes - 1) // num_exits
+    if per_exit < 1:
+        raise ValueError(
+            f"orthogonal labels need at least one non-target class per exit, i.e. "
+            f"num_classes - 1 >= num_exits; got num_classes={num_classes}, "
+            f"num_exits={num_exits}. Use fewer exits for EOKD or set beta=0."
+        )
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"`targets` must be a Tensor of class indices (B,), got {type(targets).__name__}."
+        )
+    if targets.dim() != 1:
+        raise ValueError(f"`targets` must have shape (B,), got {tuple(targets.shape)}.")
+    batch = targets.shape[0]
+    check_targets(targets, batch, num_classes)
+    device = targets.device
+    draw_device = generator.device if generator is not None else device
+    scores = torch.rand(batch, num_classes, generator=generator, device=draw_device).to(device)
+    # The target sorts last, so the first K - 1 columns are the shuffled non-target classes.
+    scores.scatter_(1, targets[:, None].long(), 2.0)
+    order = scores.argsort(dim=1)[:, : num_exits * per_exit]
+    dealt = torch.arange(num_exits * per_exit, device=device) // per_exit
+    owner = torch.full((batch, num_classes), -1, dtype=torch.long, device=device)
+    owner.scatter_(1, order, dealt.expand(batch, -1))
+    exits = torch.arange(num_exits, device=device)[:, None, None]
+    mask = owner[None] == exits
+    return mask | F.one_hot(targets.long(), num_classes).bool()[None]
+
+
+def _orthogonal_kd_terms(
+    adv: Tensor, clean: Tensor, mask: Tensor, temperature: float, detach_teacher: bool
+) -> Tensor:
+    """Unweighted EOKD per exit and sample, (E, B), on stacked, validated inputs."""
+    teacher_logits = clean.detach() if detach_teacher else clean
+    # O(softmax(z)) = softmax(z restricted to the kept classes): stable for any logits,
+    # and the target class is always kept, so no row is empty.
+    masked = (teacher_logits / temperature).masked_fill(~mask, float("-inf"))
+    teacher = F.softmax(masked, dim=-1)
+    return soft_cross_entropy(adv, teacher, temperature) * temperature**2
+
+
+def _check_mask(mask: Tensor, shape: torch.Size) -> None:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        kind = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"`mask` must be a bool Tensor (E, B, K), got {kind}.")
+    if mask.shape != shape:
+        raise ValueError(
+            f"`mask` must have shape (E, B, K) = {tuple(shape)} to match the logits, "
+            f"got {tuple(mask.shape)}."
+        )
+
+
+def exitwise_orthogonal_kd(
+    adv_logits: ExitLogits,
+    clean_logits: ExitLogits,
+    targets: Tensor,
+    *,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    temperature: float = 1.0,
+    exit_weights: ExitWeights = None,
+    reduction: Reduction = "mean",
+    detach_teacher: bool = True,
+) -> Tensor:
+    r"""Exit-wise orthogonal knowledge distillation (EOKD) of NEO-KD (Ham et al., NeurIPS 2023).
+
+    Each exit's adversarial prediction is distilled from its own clean prediction restricted
+    to the classes the orthogonal labelling O keeps for that exit, then renormalised:
+
+    .. math::
+        \mathrm{EOKD}_{ij} = T^2\, ℓ\big(f_i(x_j^{adv}),\ O_i(f_i(x_j))\big),\quad
+        O_i(p)_k = \frac{p_k\, M_{ijk}}{\sum_c p_c\, M_{ijc}}
+
+    where :math:`M_{ij}` keeps the ground truth and a random, exit-disjoint set of
+    ⌊(K-1)/E⌋ other classes (:func:`orthogonal_label_mask`). A fresh mask is drawn per call
+    unless ``mask`` is given.
+
+    Args:
+        adv_logits: the student side, logits of every exit on adversarial inputs.
+        clean_logits: the teacher side, logits of every exit on the clean inputs.
+        targets: class indices (B,).
+        mask: a bool (E, B, K) selection to use instead of a fresh draw; it should keep
+            the target class (otherwise a row with no kept class yields NaN).
+        generator: a ``torch.Generator`` for the fresh mask.
+        temperature: T > 0 dividing both sides' logits; the loss is scaled by T².
+        exit_weights: per-exit weights γ (E,), default all ones.
+        reduction: ``"mean"`` (sum over exits, mean over the batch), ``"sum"`` or ``"none"``.
+        detach_teacher: stop gradients through the clean (teacher) side. Default True.
+
+    Returns:
+        A scalar, or (E, B) for ``reduction="none"``; float32 for half-precision inputs.
+
+    Raises:
+        TypeError: for logits that are not sequences of float tensors, non-integer
+            targets, or a mask that is not a bool tensor.
+        ValueError: for mismatched shapes, targets out of range, K - 1 < E without a
+            mask, or bad ``exit_weights``, ``temperature`` or ``reduction``.
+
+    Shape:
+        - adv_logits, clean_logits: sequences of E tensors (B, K).
+        - targets: (B,); mask: (E, B, K).
+        - output: () or (E, B).
+
+    Example:
+        >>> import torch
+        >>> clean = [torch.randn(8, 10) for _ in range(3)]
+        >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
+        >>> targets = torch.randint(0, 10, (8,))
+        >>> exitwise_orthogonal_kd(adv, clean, targets).backward()
+    """
+    t = check_temperature(temperature)
+    check_reduction(reduction)
+    adv = stack_exits(adv_logits, "adv_logits")
+    clean = stack_exits(clean_logits, "clean_logits")
+    check_same_exits(adv, clean, ("adv_logits", "clean_logits"))
+    num_exits, batch, num_classes = adv.shape
+    check_targets(targets, batch, num_classes)
+    weights = as_exit_weights(exit_weights, num_exits)
+    if mask is None:
+        mask = orthogonal_label_mask(targets, num_exits, num_classes, generator=generator)
+    else:
+        _check_mask(mask, adv.shape)
+    loss = _orthogonal_kd_terms(adv, clean.to(adv.dtype), mask.to(adv.device), t, detach_teacher)
+    if weights is not None:
+        loss = loss * weights.to(loss)[:, None]
+    return reduce_exits(loss, reduction)
+
+
+class ExitwiseOrthogonalKD(nn.Module):
+    """Exit-wise orthogonal KD as a module; see :func:`exitwise_orthogonal_kd` for the formula.
+
+    A fresh orthogonal mask is drawn on every call from ``generator`` (or the global RNG);
+    pass ``mask=`` to ``forward`` to pin it.
+
+    Args:
+        temperature: T > 0 dividing both sides' logits; the loss is scaled by T².
+        exit_weights: per-exit weights γ (E,), a registered buffer; default all ones.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        generator: a ``torch.Generator`` for reproducible masks.
+        detach_teacher: stop gradients through the clean (teacher) side. Default True.
+
+    Shape:
+        - adv_logits, clean_logits: sequences of E tensors (B, K); targets: (B,).
+        - output: () or (E, B) for ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> criterion = ExitwiseOrthogonalKD(generator=torch.Generator().manual_seed(0))
+        >>> clean = [torch.randn(8, 10) for _ in range(3)]
+        >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
+        >>> criterion(adv, clean, torch.randint(0, 10, (8,))).backward()
+    """
+
+    exit_weights: Tensor | None
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        exit_weights: ExitWeights = None,
+        reduction: Reduction = "mean",
+        generator: torch.Generator | None = None,
+        detach_teacher: bool = True,
+    ) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.reduction: Reduction = check_reduction(reduction)
+        self.generator = generator
+        self.detach_teacher = detach_teacher
+        self.register_buffer("exit_weights", as_exit_weights(exit_weights))
+
+    def forward(
+        self,
+        adv_logits: ExitLogits,
+        clean_logits: ExitLogits,
+        targets: Tensor,
+        *,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        return exitwise_orthogonal_kd(
+            adv_logits,
+            clean_logits,
+            targets,
+            mask=mask,
+            generator=self.generator,
+            temperature=self.temperature,
+            exit_weights=self.exit_weights,
+            reduction=self.reduction,
+            detach_teacher=self.detach_teacher,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"
