@@ -21,7 +21,6 @@ from .._exits import (
     reduce_exits,
     stack_exits,
 )
-from ._soft import soft_cross_entropy
 
 __all__ = ["NeighborKD", "neighbor_kd", "neighbor_weights"]
 
@@ -55,14 +54,15 @@ def neighbor_weights(num_exits: int) -> Tensor:
 
 
 def _neighbor_kd_terms(
-    adv: Tensor, clean: Tensor, temperature: float, detach_teacher: bool
+    student_log_probs: Tensor, clean: Tensor, temperature: float, detach_teacher: bool
 ) -> Tensor:
-    """Unweighted NKD per exit and sample, (E, B), on stacked, validated logits."""
+    """Unweighted NKD per exit and sample, (E, B), from the students' log-probabilities at
+    temperature T, (E, B, K), and the stacked clean logits."""
     teacher_logits = clean.detach() if detach_teacher else clean
     probs = F.softmax(teacher_logits / temperature, dim=-1)
-    mix = neighbor_weights(adv.shape[0]).to(device=probs.device, dtype=probs.dtype)
+    mix = neighbor_weights(probs.shape[0]).to(device=probs.device, dtype=probs.dtype)
     teacher = torch.einsum("ij,jbk->ibk", mix, probs)
-    return soft_cross_entropy(adv, teacher, temperature) * temperature**2
+    return -(teacher * student_log_probs).sum(-1) * temperature**2
 
 
 def neighbor_kd(
@@ -123,7 +123,8 @@ def neighbor_kd(
     clean = stack_exits(clean_logits, "clean_logits")
     check_same_exits(adv, clean, ("adv_logits", "clean_logits"))
     weights = as_exit_weights(exit_weights, adv.shape[0])
-    loss = _neighbor_kd_terms(adv, clean.to(adv.dtype), t, detach_teacher)
+    log_probs = F.log_softmax(adv / t, dim=-1)
+    loss = _neighbor_kd_terms(log_probs, clean.to(adv.dtype), t, detach_teacher)
     if weights is not None:
         loss = loss * weights.to(loss)[:, None]
     return reduce_exits(loss, reduction)

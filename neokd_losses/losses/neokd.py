@@ -167,20 +167,22 @@ def neokd_loss(
     check_targets(targets, batch, num_classes)
     weights = as_exit_weights(exit_weights, num_exits)
 
-    flat_targets = targets.long().repeat(num_exits)
-    clean_ce = F.cross_entropy(clean.flatten(0, 1), flat_targets, reduction="none")
-    adv_ce = F.cross_entropy(adv.flatten(0, 1), flat_targets, reduction="none")
-    clean_ce = clean_ce.view(num_exits, batch)
-    adv_ce = adv_ce.view(num_exits, batch)
+    # One log-softmax per side serves the cross-entropies and both distillation terms.
+    index = targets.long()[None, :, None].expand(num_exits, batch, 1)
+    clean_ce = -F.log_softmax(clean, dim=-1).gather(-1, index).squeeze(-1)
+    adv_log_probs = F.log_softmax(adv, dim=-1)
+    adv_ce = -adv_log_probs.gather(-1, index).squeeze(-1)
+    if (a or b) and t != 1.0:
+        adv_log_probs = F.log_softmax(adv / t, dim=-1)
 
     zeros = adv.new_zeros(num_exits, batch)
-    nkd = _neighbor_kd_terms(adv, clean, t, detach_teacher) if a else zeros
+    nkd = _neighbor_kd_terms(adv_log_probs, clean, t, detach_teacher) if a else zeros
     if b:
         if mask is None:
             mask = orthogonal_label_mask(targets, num_exits, num_classes, generator=generator)
         else:
             _check_mask(mask, adv.shape)
-        eokd = _orthogonal_kd_terms(adv, clean, mask.to(adv.device), t, detach_teacher)
+        eokd = _orthogonal_kd_terms(adv_log_probs, clean, mask.to(adv.device), t, detach_teacher)
     else:
         eokd = zeros
     if weights is not None:

@@ -27,7 +27,6 @@ from .._exits import (
     reduce_exits,
     stack_exits,
 )
-from ._soft import soft_cross_entropy
 
 __all__ = ["ExitwiseOrthogonalKD", "exitwise_orthogonal_kd", "orthogonal_label_mask"]
 
@@ -107,15 +106,16 @@ def orthogonal_label_mask(
 
 
 def _orthogonal_kd_terms(
-    adv: Tensor, clean: Tensor, mask: Tensor, temperature: float, detach_teacher: bool
+    student_log_probs: Tensor, clean: Tensor, mask: Tensor, temperature: float, detach_teacher: bool
 ) -> Tensor:
-    """Unweighted EOKD per exit and sample, (E, B), on stacked, validated inputs."""
+    """Unweighted EOKD per exit and sample, (E, B), from the students' log-probabilities at
+    temperature T, (E, B, K), the stacked clean logits and the (E, B, K) mask."""
     teacher_logits = clean.detach() if detach_teacher else clean
     # O(softmax(z)) = softmax(z restricted to the kept classes): stable for any logits,
     # and the target class is always kept, so no row is empty.
     masked = (teacher_logits / temperature).masked_fill(~mask, float("-inf"))
     teacher = F.softmax(masked, dim=-1)
-    return soft_cross_entropy(adv, teacher, temperature) * temperature**2
+    return -(teacher * student_log_probs).sum(-1) * temperature**2
 
 
 def _check_mask(mask: Tensor, shape: torch.Size) -> None:
@@ -199,7 +199,10 @@ def exitwise_orthogonal_kd(
         mask = orthogonal_label_mask(targets, num_exits, num_classes, generator=generator)
     else:
         _check_mask(mask, adv.shape)
-    loss = _orthogonal_kd_terms(adv, clean.to(adv.dtype), mask.to(adv.device), t, detach_teacher)
+    log_probs = F.log_softmax(adv / t, dim=-1)
+    loss = _orthogonal_kd_terms(
+        log_probs, clean.to(adv.dtype), mask.to(adv.device), t, detach_teacher
+    )
     if weights is not None:
         loss = loss * weights.to(loss)[:, None]
     return reduce_exits(loss, reduction)
