@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 _DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

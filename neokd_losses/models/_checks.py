@@ -1,0 +1,40 @@
+"""Argument and input checks shared by the reference models."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+__all__ = ["check_image_input", "check_positive_int"]
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` if it is an int >= 1; raise TypeError / ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    return value
+
+
+def check_image_input(x: object, channels: int, size: tuple[int, int], model: str) -> None:
+    """Raise unless ``x`` is a floating-point image batch (B, channels, *size)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{model} expects a Tensor (B, {channels}, {size[0]}, {size[1]}), "
+            f"got {type(x).__name__}."
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{model} expects floating-point images, got dtype {x.dtype}. "
+            "Convert with `x.float() / 255` for 8-bit images."
+        )
+    if x.dim() != 4 or x.shape[1] != channels or (x.shape[2], x.shape[3]) != size:
+        hint = (
+            " Add a batch dimension with `x.unsqueeze(0)`."
+            if x.dim() == 3
+            else " Resize the images, or build the model for this size and channel count."
+        )
+        raise ValueError(
+            f"{model} expects input of shape (B, {channels}, {size[0]}, {size[1]}), "
+            f"got {tuple(x.shape)}.{hint}"
+        )
