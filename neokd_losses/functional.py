@@ -1,4 +1,4 @@
-"""Functional forms of the losses: pure functions of logits, no state.
+"""Functional forms of the losses: pure functions of logits (or features), no state.
 
 Example:
     >>> import torch
@@ -9,14 +9,23 @@ Example:
     torch.Size([])
 """
 
+from .losses.activation_boundary import activation_boundary_loss
+from .losses.baselines import ard_loss, skd_loss, triple_wins_loss
+from .losses.bss import bss_kd_loss, bss_weight_schedule
 from .losses.neighbor import neighbor_kd, neighbor_weights
 from .losses.neokd import neokd_loss
 from .losses.orthogonal import exitwise_orthogonal_kd, orthogonal_label_mask
 
 __all__ = [
+    "activation_boundary_loss",
+    "ard_loss",
+    "bss_kd_loss",
+    "bss_weight_schedule",
     "exitwise_orthogonal_kd",
     "neighbor_kd",
     "neighbor_weights",
     "neokd_loss",
     "orthogonal_label_mask",
+    "skd_loss",
+    "triple_wins_loss",
 ]
