@@ -1,25 +1,57 @@
 """neokd-losses: NEO-KD adversarial training for any multi-exit network.
 
 A multi-exit model is anything whose ``forward`` returns a list or tuple of E exit logits
-tensors (B, K). This package provides the NEO-KD losses (neighbour and exit-wise
-orthogonal knowledge distillation, Ham et al., NeurIPS 2023) as functions and modules.
-Functional forms live in :mod:`neokd_losses.functional`.
+tensors (B, K). The top level holds the small, stable API: the NEO-KD losses (neighbour
+and exit-wise orthogonal knowledge distillation, Ham et al., NeurIPS 2023), the paper's
+baseline losses, the multi-exit attacks, and the boundary-distillation plug-ins.
+Functional forms live in :mod:`neokd_losses.functional`, evaluation in
+:mod:`neokd_losses.evaluation`, architectures in :mod:`neokd_losses.models`.
+
+Example:
+    >>> import torch
+    >>> from neokd_losses import MultiExitPGD, NEOKDLoss
+    >>> from neokd_losses.models import SmallCNN
+    >>> model = SmallCNN()
+    >>> images, labels = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    >>> adv = MultiExitPGD(model, eps=0.3, alpha=0.1, steps=2)(images, labels)
+    >>> loss = NEOKDLoss()(model(adv), model(images), labels)
+    >>> loss.backward()
 """
 
+from .attacks import BoundarySupportingAttack, ExitView, MultiExitPGD
 from .losses import (
+    ActivationBoundaryLoss,
+    ARDLoss,
+    BSSDistillationLoss,
     ExitwiseOrthogonalKD,
     NeighborKD,
     NEOKDLoss,
     NEOKDTerms,
+    SKDLoss,
+    TripleWinsLoss,
+    ab_connector,
+    activation_boundary_loss,
+    bss_kd_loss,
     orthogonal_label_mask,
 )
 
 __all__ = [
+    "ARDLoss",
+    "ActivationBoundaryLoss",
+    "BSSDistillationLoss",
+    "BoundarySupportingAttack",
+    "ExitView",
     "ExitwiseOrthogonalKD",
+    "MultiExitPGD",
     "NEOKDLoss",
     "NEOKDTerms",
     "NeighborKD",
+    "SKDLoss",
+    "TripleWinsLoss",
     "__version__",
+    "ab_connector",
+    "activation_boundary_loss",
+    "bss_kd_loss",
     "orthogonal_label_mask",
 ]
 

@@ -8,7 +8,7 @@ exits and averages over the batch (the paper's 1/B Σ_j Σ_i), ``"sum"`` sums ev
 and ``"none"`` returns the (E, B) tensor. Losses compute in float32 for half-precision
 inputs. Teachers (the last exit, for SKD and ARD) are detached by default.
 
-The NEO-KD paper (REFERENCE.md section 8) does not print the baselines'
+The NEO-KD paper (Ham et al., NeurIPS 2023) does not print the baselines'
 hyper-parameters; the defaults below are this library's choices, documented per loss.
 """
 

@@ -38,6 +38,13 @@ def neighbor_weights(num_exits: int) -> Tensor:
     Returns:
         A float32 tensor (E, E) whose rows sum to 1.
 
+    Raises:
+        ValueError: if ``num_exits`` is not an int >= 1.
+
+    Shape:
+        - output: (E, E); row i mixes the clean predictions (E, B, K) into exit i's
+          teacher (B, K).
+
     Example:
         >>> neighbor_weights(4)
         tensor([[0.5000, 0.5000, 0.0000, 0.0000],

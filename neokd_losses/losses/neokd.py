@@ -35,6 +35,21 @@ class NEOKDTerms(NamedTuple):
     ``total = clean_ce + adv_ce + alpha * nkd + beta * eokd``, where ``nkd`` and ``eokd``
     are already weighted by the exit weights γ but not by alpha and beta. A term whose
     coefficient is 0 is not computed and reported as zeros.
+
+    Shape:
+        - every field: () for ``reduction="mean"`` or ``"sum"``, (E, B) for ``"none"``.
+
+    Example:
+        >>> import torch
+        >>> clean = [torch.randn(4, 10) for _ in range(3)]
+        >>> adv = [torch.randn(4, 10) for _ in range(3)]
+        >>> targets = torch.randint(0, 10, (4,))
+        >>> terms = neokd_loss(adv, clean, targets, reduction="none", return_terms=True)
+        >>> terms.nkd.shape
+        torch.Size([3, 4])
+        >>> parts = terms.clean_ce + terms.adv_ce + 3.0 * terms.nkd + 1.0 * terms.eokd
+        >>> torch.allclose(terms.total, parts)
+        True
     """
 
     total: Tensor

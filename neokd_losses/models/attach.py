@@ -109,6 +109,23 @@ class AttachedExits(nn.Module):
         heads: one head per entry of ``layers``, in the same order.
         include_output: whether the backbone's own output is the last exit.
         num_classes: K.
+
+    Shape:
+        - input: (B, ...), whatever the backbone accepts.
+        - output: a list of E tensors (B, K), E = ``len(layers)`` (+1 with
+          ``include_output``), earliest exit first.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(288, 5))
+        >>> model = attach_exits(net, ["1"], num_classes=5, include_output=True)
+        >>> isinstance(model, AttachedExits), model.layers
+        (True, ('1',))
+        >>> [tuple(z.shape) for z in model(torch.rand(2, 3, 8, 8))]
+        [(2, 5), (2, 5)]
+        >>> net(torch.rand(2, 3, 8, 8)).shape  # the backbone alone is unchanged
+        torch.Size([2, 5])
     """
 
     def __init__(

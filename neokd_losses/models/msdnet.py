@@ -8,8 +8,8 @@ grows (the reference's ``prune = "max"``), each pruning followed by a 1×1 trans
 compresses the width. After every block an exit head reads the coarsest scale. The
 forward returns a list of E = ``num_blocks`` logits (not probabilities), earliest first.
 
-This is an independent implementation of the architecture described in REFERENCE.md
-section 7; the factories reproduce the parameter counts of the public reference
+This is an independent implementation of the architecture of MSDNet (Huang et al., ICLR
+2018); the factories reproduce the parameter counts of the public reference
 implementation exactly and its per-exit costs within 0.1 %.
 """
 
@@ -381,8 +381,8 @@ def msdnet_cifar10(num_classes: int = 10, in_channels: int = 3) -> MSDNet:
 
     Configuration: nBlocks 3, base 4, step 2 (even), nChannels 16, growth rate 6,
     grFactor = bnFactor = (1, 2, 4), CIFAR stem and heads, reduction 0.5, bottleneck.
-    The NEO-KD paper does not print it; this is the 3-block analogue of its CIFAR-100
-    network (REFERENCE.md section 7).
+    The NEO-KD paper does not print it; this is the 3-block analogue of its 7-exit
+    CIFAR-100 network.
 
     Parameters: 991,222 (K = 10). Cost per exit for one 3×32×32 input, measured with
     :func:`~neokd_losses.evaluation.flops.exit_costs`, in millions of multiply-adds:

@@ -25,7 +25,7 @@ def _linear_head(in_features: int, num_classes: int, dropout: float) -> nn.Seque
 class SmallCNN(nn.Module):
     """The 3-exit SmallCNN of Triple Wins (Hu et al., ICLR 2020) for 28×28 images.
 
-    NEO-KD (Ham et al., NeurIPS 2023) trains it on MNIST (REFERENCE.md sections 4 and 7).
+    NEO-KD (Ham et al., NeurIPS 2023) uses it for its MNIST experiments.
     The forward returns logits (not probabilities) of the three exits, earliest first.
 
     Configuration (no padding; every convolution and linear layer has a bias)::

@@ -1,0 +1,150 @@
+"""``ExitView``: one exit of a multi-exit model as a single-output ``nn.Module``.
+
+A multi-exit model returns a sequence of E logits tensors (B, K). Every stock
+torchattacks attack (PGD, APGD, CW, AutoAttack, ...) expects a model that returns one
+logits tensor; ``ExitView(model, i)`` is that model for exit i, so any of them attacks
+one exit of a multi-exit network. Outputs are logits, never probabilities.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from neokd_losses._exits import check_exit_index
+
+__all__ = ["ExitView"]
+
+
+def as_exit_list(output: Any, model_name: str) -> list[Tensor]:
+    """Return a multi-exit model's output as a list of E tensors, or raise a TypeError.
+
+    Only the kind of the output is checked here (a list or tuple, not a single tensor);
+    shapes and dtypes are checked by :func:`neokd_losses._exits.stack_exits`.
+
+    Raises:
+        TypeError: if the output is a single tensor or not a list/tuple of tensors.
+        ValueError: if the output holds no exit.
+    """
+    if isinstance(output, Tensor):
+        raise TypeError(
+            f"expected a multi-exit model whose forward returns a list or tuple of E exit "
+            f"logits tensors (B, K), but {model_name} returned a single Tensor of shape "
+            f"{tuple(output.shape)}. For a single-output model use a stock torchattacks "
+            "attack (e.g. torchattacks.PGD(model)); otherwise make forward return the list "
+            "of exit logits."
+        )
+    if not isinstance(output, Sequence) or isinstance(output, (str, bytes)):
+        raise TypeError(
+            f"expected a multi-exit model whose forward returns a list or tuple of E exit "
+            f"logits tensors (B, K), but {model_name} returned {type(output).__name__}."
+        )
+    if len(output) == 0:
+        raise ValueError(f"{model_name} returned an empty {type(output).__name__}: no exits.")
+    for i, z in enumerate(output):
+        if not isinstance(z, Tensor):
+            raise TypeError(
+                f"exit {i} of {model_name}'s output must be a Tensor (B, K), "
+                f"got {type(z).__name__}."
+            )
+    return list(output)
+
+
+class ExitView(nn.Module):
+    """A view of one exit of a multi-exit model: ``forward`` returns that exit's logits.
+
+    Wrapping turns a multi-exit network into the single-output model that every
+    torchattacks attack expects, so ``torchattacks.PGD(ExitView(model, i))`` is the single
+    attack on exit i of Triple Wins (Hu et al., ICLR 2020) and NEO-KD, and APGD, CW or
+    AutoAttack can target any exit the same way. The view owns no parameters of its own:
+    ``parameters()``, ``.to()`` and ``state_dict()`` reach the wrapped model (keys are
+    prefixed with ``model.``), and its ``training`` flag *is* the wrapped model's, so
+    ``model.train()`` and ``view.eval()`` are seen on both sides.
+
+    Args:
+        model: a multi-exit model whose forward returns a list or tuple of E logits
+            tensors (B, K).
+        exit_index: the exit to expose, 0-based; negative values count from the last
+            exit (-1 is the final exit). The range is checked when E is known, at the
+            first forward.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or ``exit_index`` is not an int;
+            at call time, if the model returns a single tensor or not a list of tensors.
+        ValueError: at call time, if ``exit_index`` is outside [-E, E).
+
+    Shape:
+        - input: whatever the wrapped model takes, e.g. images (B, C, H, W).
+        - output: (B, K), the logits of exit ``exit_index``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> class TwoExits(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(4, 3)
+        ...     def forward(self, x):
+        ...         return [self.fc(x), 2 * self.fc(x)]
+        >>> model = TwoExits()
+        >>> x = torch.randn(5, 4)
+        >>> last = ExitView(model, -1)
+        >>> torch.equal(last(x), model(x)[1])
+        True
+        >>> last
+        ExitView(
+          exit_index=-1
+          (model): TwoExits(
+            (fc): Linear(in_features=4, out_features=3, bias=True)
+          )
+        )
+        >>> _ = model.eval()
+        >>> last.training
+        False
+    """
+
+    model: nn.Module
+    exit_index: int
+
+    def __init__(self, model: nn.Module, exit_index: int) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"`model` must be an nn.Module returning a list of exit logits, "
+                f"got {type(model).__name__}."
+            )
+        if isinstance(exit_index, bool):
+            raise TypeError(f"`exit_index` must be an int, got {type(exit_index).__name__}.")
+        try:
+            index = operator.index(exit_index)
+        except TypeError as err:
+            raise TypeError(
+                f"`exit_index` must be an int, got {type(exit_index).__name__}."
+            ) from err
+        self.model = model
+        self.exit_index = index
+
+    # The view has no state of its own: its training flag is the wrapped model's, so
+    # torchattacks (which reads `attack.model.training` to restore the mode) sees the
+    # model's real mode even when the user switched the model itself after wrapping.
+    @property
+    def training(self) -> bool:
+        model = self.__dict__.get("_modules", {}).get("model")
+        if model is None:
+            return bool(self.__dict__.get("_view_training", True))
+        return bool(model.training)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_view_training"] = bool(mode)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run the wrapped model and return the logits (B, K) of exit ``exit_index``."""
+        exits = as_exit_list(self.model(x), type(self.model).__name__)
+        return exits[check_exit_index(self.exit_index, len(exits))]
+
+    def extra_repr(self) -> str:
+        return f"exit_index={self.exit_index}"

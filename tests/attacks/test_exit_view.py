@@ -1,0 +1,114 @@
+"""ExitView: one exit of a multi-exit model as a single-output module."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchattacks
+from torch import nn
+
+from neokd_losses.attacks.exit_view import ExitView
+from tests.helpers import TinyMLPExits
+
+
+@pytest.fixture
+def model():
+    return TinyMLPExits(in_features=16, num_classes=5, num_exits=3).eval()
+
+
+@pytest.mark.parametrize(
+    ("index", "position"), [(0, 0), (1, 1), (2, 2), (-1, 2), (-3, 0), (np.int64(1), 1)]
+)
+def test_returns_the_chosen_exit(model, index, position):
+    x = torch.rand(4, 16)
+    torch.testing.assert_close(ExitView(model, index)(x), model(x)[position], rtol=0, atol=0)
+
+
+def test_tuple_outputs_and_gradients_flow():
+    class TupleExits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return (self.fc(x), 3 * self.fc(x))
+
+    m = TupleExits()
+    x = torch.rand(2, 3, requires_grad=True)
+    out = ExitView(m, 1)(x)
+    assert torch.equal(out, m(x)[1])
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, 3 * m.fc.weight.sum(0).expand(2, 3))
+
+
+@pytest.mark.parametrize("index", [3, -4])
+def test_out_of_range_index_raises_at_call(model, index):
+    view = ExitView(model, index)
+    with pytest.raises(
+        ValueError,
+        match=rf"`exit_index` must lie in \[-3, 3\) for a model with 3 exits, got {index}",
+    ):
+        view(torch.rand(2, 16))
+
+
+@pytest.mark.parametrize(("index", "kind"), [(1.0, "float"), (True, "bool"), ("0", "str")])
+def test_index_must_be_an_int(model, index, kind):
+    with pytest.raises(TypeError, match=rf"`exit_index` must be an int, got {kind}"):
+        ExitView(model, index)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match=r"`model` must be an nn.Module .* got function"):
+        ExitView(lambda x: [x], 0)
+
+
+def test_single_output_model_raises_a_helpful_type_error():
+    view = ExitView(nn.Linear(16, 5), 0)
+    with pytest.raises(
+        TypeError,
+        match=r"Linear returned a single Tensor of shape \(2, 5\).*stock torchattacks attack",
+    ):
+        view(torch.rand(2, 16))
+
+
+def test_non_tensor_exit_raises():
+    class Bad(nn.Module):
+        def forward(self, x):
+            return [x, "logits"]
+
+    with pytest.raises(
+        TypeError, match=r"exit 1 of Bad's output must be a Tensor \(B, K\), got str"
+    ):
+        ExitView(Bad(), 0)(torch.rand(2, 3))
+
+
+def test_training_flag_is_the_wrapped_models(model):
+    view = ExitView(model, -1)
+    model.train()
+    assert view.training
+    model.eval()
+    assert not view.training
+    view.train()
+    assert model.training and all(m.training for m in model.modules())
+    view.eval()
+    assert not model.training
+
+
+def test_shares_parameters_and_state(model):
+    view = ExitView(model, 0)
+    assert [id(p) for p in view.parameters()] == [id(p) for p in model.parameters()]
+    assert set(view.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+    assert "exit_index=0" in repr(view)
+
+
+def test_stock_torchattacks_attacks_target_one_exit(model):
+    x, y = torch.rand(6, 1, 4, 4), torch.randint(0, 5, (6,))  # APGD needs image-shaped inputs
+    view = ExitView(model, 1)
+    adv = torchattacks.PGD(view, eps=0.1, alpha=0.05, steps=3)(x, y)
+    assert (adv - x).abs().max() <= 0.1 + 1e-6
+    ce = nn.functional.cross_entropy
+    with torch.no_grad():
+        assert ce(model(adv)[1], y) > ce(model(x)[1], y)
+    adv = torchattacks.APGD(view, eps=0.1, steps=3, n_restarts=1)(x, y)
+    assert (adv - x).abs().max() <= 0.1 + 1e-6
