@@ -1,13 +1,14 @@
 """Cumulative cost per exit of a multi-exit model, measured from one forward pass.
 
-Budgeted prediction (REFERENCE.md section 6) weighs each exit by the cost of reaching it:
-a sample that leaves at exit k has run the trunk up to exit k *and* every earlier exit
-head. :func:`exit_costs` measures that cost by running the model once under a
-``TorchDispatchMode`` that sees every ATen operator the forward executes, keeps a running
-multiply-add count, and reads the count at the moment each exit's logits are produced.
+Budgeted prediction (MSDNet's dynamic evaluation, Huang et al., ICLR 2018) weighs each exit
+by the cost of reaching it: a sample that leaves at exit k has run the trunk up to exit k
+*and* every earlier exit head. :func:`exit_costs` measures that cost by running the model
+once under a ``TorchDispatchMode`` that sees every ATen operator the forward executes,
+keeps a running multiply-add count, and reads the count at the moment each exit's logits
+are produced.
 
-What is counted, per ATen operator (the convention of the MSDNet reference counter whose
-figures REFERENCE.md section 7 lists; one multiply-add counts 1, not 2 FLOPs):
+What is counted, per ATen operator (the convention of the FLOP counter of the public MSDNet
+reference implementation, kalviny/MSDNet-PyTorch; one multiply-add counts 1, not 2 FLOPs):
 
 - convolution (any dimension, grouped, transposed): output elements × (C_in / groups) ×
   kernel elements (transposed: input elements × (C_out / groups) × kernel elements);
@@ -223,10 +224,10 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
     wrappers). A model that runs its whole trunk before the first head charges the
     whole trunk to exit 1. Pass the model itself, not a ``torch.compile`` wrapper.
 
-    With the counting convention of the MSDNet reference implementation (convolutions,
-    linear layers with their bias, ReLUs and pooling; batch norm free) the figures
-    match REFERENCE.md section 7 within 0.1 % for the CIFAR-10, CIFAR-100 and ImageNet
-    MSDNets.
+    With the counting convention of the public MSDNet reference implementation
+    (convolutions, linear layers with their bias, ReLUs and pooling; batch norm free) the
+    figures match the per-exit costs measured on that implementation within 0.1 % for the
+    CIFAR-10, CIFAR-100 and ImageNet MSDNets.
 
     Args:
         model: a multi-exit model whose ``forward`` returns a list or tuple of E logits

@@ -1,0 +1,187 @@
+"""Private helpers shared by the evaluation functions: loaders, devices, progress bars.
+
+A *loader* is anything iterable that yields ``(images, labels, ...)`` batches: a
+``torch.utils.data.DataLoader``, a list of tuples, a generator. Batches are moved to the
+device the model lives on (or an explicit one), non-blocking on CUDA as PyTorch
+recommends with pinned memory. Progress bars come from ``tqdm`` when it is installed; it is
+an optional dependency, so without it the loops simply run without a bar.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neokd_losses._exits import stack_exits
+
+__all__ = [
+    "Attack",
+    "Loader",
+    "attack_name",
+    "check_attack",
+    "check_model",
+    "count_correct",
+    "eval_mode",
+    "forward_exits",
+    "iterate_batches",
+    "progress",
+    "resolve_device",
+    "run_attack",
+]
+
+Loader = Iterable[Any]
+"""An iterable of ``(images, labels, ...)`` batches, e.g. a ``DataLoader``."""
+
+Attack = Callable[[Tensor, Tensor], Tensor]
+"""Anything called as ``attack(images, labels) -> adversarial images`` (torchattacks API)."""
+
+
+def check_model(model: object) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module``, else raise a TypeError naming the fix."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "`model` must be a torch.nn.Module whose forward returns a list of E exit logits "
+            f"(B, K), got {type(model).__name__}."
+        )
+    return model
+
+
+def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """The device batches go to: ``device`` if given, else the model's first parameter's.
+
+    A model without parameters or buffers runs on the CPU.
+    """
+    if device is not None:
+        return torch.device(device)
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def progress(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
+    """Wrap ``iterable`` in a tqdm bar when ``enabled`` and tqdm is importable."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)  # type: ignore[no-any-return]
+
+
+def _split_batch(batch: Any, index: int) -> tuple[Tensor, Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError(
+            "each batch of `loader` must be a tuple or list (images, labels, ...), got "
+            f"{type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+            + f" at batch {index}. Wrap a dataset of pairs in a torch.utils.data.DataLoader."
+        )
+    images, labels = batch[0], batch[1]
+    if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(
+            "each batch of `loader` must start with two Tensors (images, labels), got "
+            f"({type(images).__name__}, {type(labels).__name__}) at batch {index}."
+        )
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"the labels of batch {index} must have shape (B,) = ({images.shape[0]},) to "
+            f"match the images {tuple(images.shape)}, got {tuple(labels.shape)}."
+        )
+    return images, labels
+
+
+def iterate_batches(
+    loader: Loader, device: torch.device, *, enabled: bool, desc: str
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(images, labels)`` from ``loader`` on ``device``, with an optional progress bar.
+
+    Raises:
+        TypeError: if a batch is not a tuple or list starting with two tensors.
+        ValueError: if the labels are not (B,) for B images.
+    """
+    non_blocking = device.type == "cuda"
+    for index, batch in enumerate(progress(loader, enabled, desc)):
+        images, labels = _split_batch(batch, index)
+        yield (
+            images.to(device, non_blocking=non_blocking),
+            labels.to(device, non_blocking=non_blocking),
+        )
+
+
+def forward_exits(model: nn.Module, images: Tensor) -> Tensor:
+    """Run ``model`` without gradients and return its exits stacked to (E, B, K)."""
+    with torch.no_grad():
+        return stack_exits(model(images), name="model(images)")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and restore every submodule's mode on exit, even on error."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def attack_name(attack: object) -> str:
+    """A readable name: torchattacks' ``attack`` attribute, a function's name, or the type's.
+
+    A ``mode`` string attribute (MultiExitPGD's single / average / max-average) is appended.
+    """
+    name = type(attack).__name__
+    for attribute in ("attack", "__name__"):
+        value = getattr(attack, attribute, None)
+        if isinstance(value, str):
+            name = value
+            break
+    mode = getattr(attack, "mode", None)
+    return f"{name} ({mode})" if isinstance(mode, str) else name
+
+
+def run_attack(attack: Attack, images: Tensor, labels: Tensor) -> Tensor:
+    """``attack(images, labels)`` with gradients enabled (also inside ``torch.no_grad()``)."""
+    with torch.enable_grad():
+        return attack(images, labels).detach()
+
+
+def check_attack(attack: object) -> None:
+    """Raise a TypeError unless ``attack`` is callable as ``attack(images, labels)``."""
+    if not callable(attack):
+        raise TypeError(
+            "`attack` must be callable as attack(images, labels) -> adversarial images "
+            "(a MultiExitPGD, or a torchattacks attack on an ExitView), got "
+            f"{type(attack).__name__}."
+        )
+
+
+def count_correct(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    attack: Attack | None,
+) -> tuple[Tensor, int]:
+    """Count correct predictions per exit over ``(images, labels)`` batches.
+
+    Returns:
+        ``(correct, n)``: an (E,) long tensor on the batches' device and the sample count.
+    """
+    correct: Tensor | None = None
+    total = 0
+    for images, labels in batches:
+        inputs = images if attack is None else run_attack(attack, images, labels)
+        logits = forward_exits(model, inputs)  # (E, B, K)
+        hits = (logits.argmax(-1) == labels).sum(-1)  # (E,)
+        correct = hits if correct is None else correct + hits
+        total += labels.shape[0]
+    if correct is None or total == 0:
+        raise ValueError("`loader` yielded no samples; pass a loader with at least one batch.")
+    return correct, total

@@ -1,0 +1,398 @@
+"""Budgeted prediction against a naive loop transcription of REFERENCE.md section 6."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from neokd_losses.evaluation.budgeted import (
+    BudgetCurve,
+    budget_curve,
+    budgeted_accuracy,
+    budgeted_evaluation,
+    collect_logits,
+    exit_assignment,
+    exit_proportions,
+    fit_thresholds,
+)
+from tests.helpers import TinyMLPExits
+
+# ---------------------------------------------------------------- naive reference (section 6)
+
+
+def naive_confidence(logits: torch.Tensor) -> tuple[list[list[float]], list[list[int]]]:
+    conf, pred = logits.softmax(-1).max(-1)
+    return conf.tolist(), pred.tolist()
+
+
+def naive_fit_thresholds(logits: torch.Tensor, proportions: list[float]) -> list[float]:
+    """Walk the validation samples in descending confidence, one sample at a time."""
+    num_exits, n, _ = logits.shape
+    conf, _ = naive_confidence(logits)
+    total = sum(proportions)
+    q = [p / total for p in proportions]
+    thresholds = [math.inf] * num_exits
+    left = [False] * n
+    for k in range(num_exits - 1):
+        wanted = math.floor(n * q[k])
+        order = sorted(range(n), key=lambda i: -conf[k][i])
+        count = 0
+        for i in order:
+            if left[i]:
+                continue
+            count += 1
+            if count == wanted:
+                thresholds[k] = conf[k][i]
+                break
+        for i in range(n):
+            if conf[k][i] >= thresholds[k]:
+                left[i] = True
+    thresholds[-1] = -math.inf
+    return thresholds
+
+
+def naive_budgeted(logits, targets, thresholds, costs) -> tuple[float, float, list[int]]:
+    num_exits, n, _ = logits.shape
+    conf, pred = naive_confidence(logits)
+    correct, cost, exits = 0, 0.0, []
+    for i in range(n):
+        for k in range(num_exits):
+            if k == num_exits - 1 or conf[k][i] >= thresholds[k]:
+                correct += int(pred[k][i] == int(targets[i]))
+                cost += costs[k]
+                exits.append(k)
+                break
+    return correct / n, cost / n, exits
+
+
+def naive_proportions(p: float, num_exits: int, center: float = 20.0) -> list[float]:
+    raw = [(p / center) ** k for k in range(1, num_exits + 1)]
+    return [r / sum(raw) for r in raw]
+
+
+def random_logits(num_exits: int, n: int, k: int, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Later exits are sharper on average, as in a trained multi-exit network.
+    scale = torch.linspace(1.0, 3.0, num_exits, dtype=dtype)[:, None, None]
+    return scale * torch.randn(num_exits, n, k, generator=g, dtype=dtype)
+
+
+# ---------------------------------------------------------------- exit_proportions
+
+
+@pytest.mark.parametrize("p", [1, 7, 20, 33, 39])
+@pytest.mark.parametrize("num_exits", [1, 3, 7])
+def test_exit_proportions_closed_form(p: int, num_exits: int) -> None:
+    q = exit_proportions(p, num_exits)
+    assert q.dtype == torch.float64
+    torch.testing.assert_close(
+        q, torch.tensor(naive_proportions(p, num_exits), dtype=torch.float64)
+    )
+
+
+def test_exit_proportions_center_is_uniform() -> None:
+    torch.testing.assert_close(exit_proportions(20, 5), torch.full((5,), 0.2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"budget_index": 0, "num_exits": 3}, "budget_index"),
+        ({"budget_index": float("nan"), "num_exits": 3}, "budget_index"),
+        ({"budget_index": 3, "num_exits": 0}, "num_exits"),
+        ({"budget_index": 3, "num_exits": 3, "center": -1.0}, "center"),
+    ],
+)
+def test_exit_proportions_errors(kwargs, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        exit_proportions(**kwargs)
+
+
+# ---------------------------------------------------------------- fit_thresholds
+
+
+@pytest.mark.parametrize("p", [1, 5, 12, 20, 28, 39])
+@pytest.mark.parametrize("num_exits", [2, 3, 5])
+def test_fit_thresholds_matches_naive(p: int, num_exits: int, device: torch.device) -> None:
+    logits = random_logits(num_exits, 57, 6, seed=p + 100 * num_exits)
+    q = naive_proportions(p, num_exits)
+    expected = naive_fit_thresholds(logits, q)
+    got = fit_thresholds(logits.to(device), q)
+    assert got.shape == (num_exits,)
+    assert got.device.type == device.type
+    assert got.cpu().tolist() == expected
+
+
+def test_fit_thresholds_float64(dtype: torch.dtype) -> None:
+    logits = random_logits(3, 40, 4, seed=3, dtype=dtype)
+    q = [0.3, 0.3, 0.4]
+    got = fit_thresholds(logits, q)
+    assert got.dtype == dtype
+    assert got.tolist() == naive_fit_thresholds(logits, q)
+
+
+def test_fit_thresholds_proportion_rounding_to_zero_gives_inf() -> None:
+    logits = random_logits(3, 10, 4, seed=1)
+    q = [0.05, 0.5, 0.45]  # floor(10 * 0.05) = 0 samples at exit 1
+    got = fit_thresholds(logits, q).tolist()
+    assert got[0] == math.inf
+    assert got == naive_fit_thresholds(logits, q)
+    # Nobody leaves at exit 1, so exit 2 takes floor(10 * 0.5) = 5 samples.
+    acc, cost = budgeted_accuracy(logits, torch.zeros(10, dtype=torch.long), got, [1.0, 2.0, 3.0])
+    _, _, exits = naive_budgeted(logits, torch.zeros(10), got, [1.0, 2.0, 3.0])
+    assert exits.count(0) == 0 and exits.count(1) == 5
+    assert cost == pytest.approx(sum([1.0, 2.0, 3.0][k] for k in exits) / 10)
+
+
+def test_fit_thresholds_ties_in_confidence() -> None:
+    # Exit 1: eight samples share the same confidence, two are less confident.
+    exit1 = torch.tensor([[2.0, 0.0, 0.0]] * 8 + [[0.5, 0.0, 0.0], [0.2, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.stack([exit1, torch.randn(10, 3, generator=g), torch.randn(10, 3, generator=g)])
+    q = [0.2, 0.5, 0.3]  # exit 1 wants 2 samples but the tie sends 8; exit 2 wants 5 of 2
+    got = fit_thresholds(logits, q).tolist()
+    expected = naive_fit_thresholds(logits, q)
+    assert got == expected
+    assert got[0] == pytest.approx(exit1[0].softmax(-1).max().item())
+    assert got[1] == math.inf  # fewer samples remain than exit 2 asks for
+    exits = exit_assignment(logits, got).tolist()
+    assert exits == [0] * 8 + [2, 2]
+
+
+def test_fit_thresholds_ties_among_remaining() -> None:
+    # Exit 2 ties: the n-th remaining sample's value is shared, every tied sample leaves.
+    g = torch.Generator().manual_seed(1)
+    exit2 = torch.tensor([[1.0, 0.0]] * 6 + [[0.1, 0.0]] * 6)
+    logits = torch.stack([torch.randn(12, 2, generator=g), exit2, torch.randn(12, 2, generator=g)])
+    for q in ([0.25, 0.25, 0.5], [0.0, 0.5, 0.5], [0.1, 0.7, 0.2]):
+        assert fit_thresholds(logits, q).tolist() == naive_fit_thresholds(logits, q)
+
+
+def test_fit_thresholds_single_exit() -> None:
+    logits = random_logits(1, 20, 5, seed=2)
+    assert fit_thresholds(logits, [1.0]).tolist() == [-math.inf]
+    targets = torch.randint(5, (20,))
+    acc, cost = budgeted_accuracy(logits, targets, [-math.inf], [4.5])
+    assert acc == pytest.approx((logits[0].argmax(-1) == targets).double().mean().item())
+    assert cost == 4.5
+
+
+def test_fit_thresholds_unnormalised_proportions() -> None:
+    logits = random_logits(3, 30, 4, seed=4)
+    assert fit_thresholds(logits, [2.0, 2.0, 4.0]).tolist() == naive_fit_thresholds(
+        logits, [0.25, 0.25, 0.5]
+    )
+
+
+def test_fit_thresholds_accepts_sequence_of_exits() -> None:
+    logits = random_logits(3, 30, 4, seed=5)
+    q = torch.tensor([0.3, 0.3, 0.4])
+    assert torch.equal(fit_thresholds(list(logits), q), fit_thresholds(logits, q))
+
+
+def test_fit_thresholds_half_precision_is_upcast() -> None:
+    logits = random_logits(2, 16, 3, seed=6).to(torch.bfloat16)
+    assert fit_thresholds(logits, [0.5, 0.5]).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("logits", "proportions", "error", "match"),
+    [
+        (torch.zeros(3, 4, 5, dtype=torch.long), [0.3, 0.3, 0.4], TypeError, "floating-point"),
+        (torch.zeros(4, 5), [0.5, 0.5], ValueError, r"\(E, N, K\)"),
+        (torch.zeros(3, 4, 5), [0.5, 0.5], ValueError, r"one entry per exit, shape \(3,\)"),
+        (torch.zeros(3, 4, 5), [0.5, -0.1, 0.6], ValueError, "non-negative"),
+        (torch.zeros(3, 4, 5), [0.0, 0.0, 0.0], ValueError, "all be zero"),
+        (torch.zeros(3, 4, 5), "abc", TypeError, "sequence of E numbers"),
+        (torch.zeros(3, 4, 5), ["a", 1, 2], TypeError, "sequence of numbers"),
+    ],
+)
+def test_fit_thresholds_errors(logits, proportions, error, match: str) -> None:
+    with pytest.raises(error, match=match):
+        fit_thresholds(logits, proportions)
+
+
+# ---------------------------------------------------------------- budgeted_accuracy
+
+
+@pytest.mark.parametrize("p", [2, 10, 20, 30, 38])
+def test_budgeted_accuracy_matches_naive(p: int, device: torch.device) -> None:
+    val, test = random_logits(4, 80, 5, seed=p), random_logits(4, 70, 5, seed=1000 + p)
+    targets = torch.randint(5, (70,), generator=torch.Generator().manual_seed(p))
+    costs = [1.0, 2.5, 3.5, 7.0]
+    thresholds = naive_fit_thresholds(val, naive_proportions(p, 4))
+    acc, cost, exits = naive_budgeted(test, targets, thresholds, costs)
+    got = budgeted_accuracy(test.to(device), targets.to(device), torch.tensor(thresholds), costs)
+    assert got[0] == pytest.approx(acc, abs=1e-12)
+    assert got[1] == pytest.approx(cost, rel=1e-12)
+    assert exit_assignment(test.to(device), thresholds).cpu().tolist() == exits
+
+
+def test_budgeted_accuracy_ignores_last_threshold() -> None:
+    # The last exit takes every remaining sample whatever its threshold says.
+    logits = random_logits(2, 30, 3, seed=7)
+    targets = torch.randint(3, (30,))
+    a = budgeted_accuracy(logits, targets, [math.inf, 2.0], [1.0, 2.0])
+    assert a == (pytest.approx((logits[1].argmax(-1) == targets).double().mean().item()), 2.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"test_targets": torch.tensor([0, 1, 7])}, ValueError, r"\[0, 4\)"),
+        ({"test_targets": torch.tensor([0.0, 1.0, 2.0])}, TypeError, "integer class indices"),
+        ({"thresholds": [0.5, 0.5]}, ValueError, r"shape \(3,\)"),
+        ({"thresholds": [0.5, float("nan"), 0.0]}, ValueError, "NaN"),
+        ({"costs": [1.0, 2.0]}, ValueError, r"one entry per exit"),
+        ({"costs": [1.0, float("inf"), 3.0]}, ValueError, "finite"),
+    ],
+)
+def test_budgeted_accuracy_errors(kwargs, error, match: str) -> None:
+    args = {
+        "test_logits": torch.zeros(3, 3, 4),
+        "test_targets": torch.tensor([0, 1, 2]),
+        "thresholds": [0.5, 0.5, -math.inf],
+        "costs": [1.0, 2.0, 3.0],
+    }
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        budgeted_accuracy(**args)
+
+
+def test_budgeted_accuracy_empty_raises() -> None:
+    with pytest.raises(ValueError, match="at least one sample"):
+        budgeted_accuracy(
+            torch.zeros(2, 0, 3), torch.zeros(0, dtype=torch.long), [0.5, 0.0], [1, 2]
+        )
+
+
+# ---------------------------------------------------------------- budget_curve
+
+
+def test_budget_curve_matches_naive() -> None:
+    val, test = random_logits(3, 64, 5, seed=11), random_logits(3, 48, 5, seed=12)
+    g = torch.Generator().manual_seed(13)
+    y_val, y_test = torch.randint(5, (64,), generator=g), torch.randint(5, (48,), generator=g)
+    costs = [14.76, 21.77, 27.67]
+    curve = budget_curve(val, y_val, test, y_test, costs)
+    assert isinstance(curve, BudgetCurve)
+    assert curve.budget_indices == tuple(range(1, 40))
+    for idx, p in enumerate(range(1, 40)):
+        t = naive_fit_thresholds(val, naive_proportions(p, 3))
+        acc, cost, exits = naive_budgeted(test, y_test, t, costs)
+        val_acc, _, _ = naive_budgeted(val, y_val, t, costs)
+        assert curve.thresholds[idx] == tuple(t)
+        assert curve.accuracies[idx] == pytest.approx(acc)
+        assert curve.mean_costs[idx] == pytest.approx(cost)
+        assert curve.val_accuracies[idx] == pytest.approx(val_acc)
+        assert curve.exit_fractions[idx] == pytest.approx([exits.count(k) / 48 for k in range(3)])
+    # Small budgets send samples to early exits, large ones to late exits.
+    assert curve.mean_costs[0] < curve.mean_costs[-1]
+
+
+def test_budget_curve_num_points_uses_center() -> None:
+    val, test = random_logits(3, 40, 4, seed=21), random_logits(3, 40, 4, seed=22)
+    y = torch.randint(4, (40,))
+    curve = budget_curve(val, y, test, y, [1.0, 2.0, 3.0], num_points=9)
+    # Center c = (9 + 1) / 2 = 5: the middle point gives every exit the same share.
+    assert curve.thresholds[4] == tuple(naive_fit_thresholds(val, [1 / 3] * 3))
+
+
+def test_budget_curve_to_dict_is_strict_json() -> None:
+    val, test = random_logits(3, 20, 4, seed=31), random_logits(3, 20, 4, seed=32)
+    y = torch.randint(4, (20,))
+    curve = budget_curve(val, y, test, y, [1.0, 2.0, 3.0], num_points=5)
+    data = json.loads(json.dumps(curve.to_dict(), allow_nan=False))
+    assert data["accuracies"] == list(curve.accuracies)
+    assert all(len(t) == 2 for t in data["thresholds"])
+    assert data["thresholds"][0][0] is None or data["thresholds"][0][0] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"test_logits": torch.zeros(2, 5, 4)}, ValueError, "same number of exits"),
+        ({"num_points": 0}, ValueError, "num_points"),
+        ({"val_targets": torch.zeros(4, dtype=torch.long)}, ValueError, r"\(B,\) = \(5,\)"),
+    ],
+)
+def test_budget_curve_errors(kwargs, error, match: str) -> None:
+    args = {
+        "val_logits": torch.zeros(3, 5, 4),
+        "val_targets": torch.zeros(5, dtype=torch.long),
+        "test_logits": torch.zeros(3, 5, 4),
+        "test_targets": torch.zeros(5, dtype=torch.long),
+        "costs": [1.0, 2.0, 3.0],
+    }
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        budget_curve(**args)
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _batches(n: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.rand(n, 16, generator=g), torch.randint(5, (n,), generator=g)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+def test_collect_logits_concatenates_batches_and_applies_attack() -> None:
+    model = TinyMLPExits()
+    batches = _batches(23, 8, seed=0)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+
+    def flip(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return 1.0 - images
+
+    logits, targets = collect_logits(model, batches, progress=False)
+    assert torch.equal(targets, y)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, torch.stack(model(x)))
+        adv_logits, _ = collect_logits(model, batches, flip, progress=False)
+        torch.testing.assert_close(adv_logits, torch.stack(model(1.0 - x)))
+
+
+def test_budgeted_evaluation_fits_on_validation_and_scores_test() -> None:
+    model = TinyMLPExits()
+    val, test = _batches(30, 7, seed=1), _batches(25, 9, seed=2)
+
+    def shift(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (images + 0.1).clamp(0, 1)
+
+    costs = [1.0, 2.0, 3.0]
+    for attack_validation in (True, False):
+        curve = budgeted_evaluation(
+            model,
+            val,
+            test,
+            costs,
+            attack=shift,
+            attack_validation=attack_validation,
+            num_points=5,
+            progress=False,
+        )
+        xv, yv = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+        xt, yt = torch.cat([b[0] for b in test]), torch.cat([b[1] for b in test])
+        with torch.no_grad():
+            lv = torch.stack(model(shift(xv, yv) if attack_validation else xv))
+            lt = torch.stack(model(shift(xt, yt)))
+        for idx, p in enumerate(range(1, 6)):
+            t = naive_fit_thresholds(lv, naive_proportions(p, 3, center=3.0))
+            acc, cost, _ = naive_budgeted(lt, yt, t, costs)
+            assert curve.accuracies[idx] == pytest.approx(acc)
+            assert curve.mean_costs[idx] == pytest.approx(cost)
+
+
+def test_collect_logits_errors() -> None:
+    with pytest.raises(TypeError, match="nn.Module"):
+        collect_logits(lambda x: [x], [], progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no samples"):
+        collect_logits(TinyMLPExits(), [], progress=False)
+    with pytest.raises(TypeError, match="callable"):
+        collect_logits(TinyMLPExits(), _batches(4, 4, 0), attack=3, progress=False)  # type: ignore[arg-type]
