@@ -1,0 +1,296 @@
+"""Final evaluation of a trained model: the numbers and figures of the NEO-KD paper.
+
+- Anytime prediction: accuracy of every exit on clean test inputs and under
+  ``attack.eval_steps``-step PGD, max-average and average attacks (the paper's tables
+  report the mean over exits of the adversarial accuracy).
+- Budgeted prediction: confidence thresholds fitted on the validation split held out of
+  the training set, test accuracy against expected cost (FLOPs of each exit from
+  ``exit_costs``), on clean inputs and under the max-average attack (validation
+  attacked too, so the thresholds see the inputs they will face).
+- Adversarial transferability: the E x E matrix of the success rate at exit j of a
+  single-exit attack generated on exit i, and the mean of its off-diagonal entries.
+
+Under ``torchrun`` every rank evaluates its own share of the test set (no sample counted
+twice); counts are summed across ranks and logits gathered on rank 0, which alone writes
+``results.json``, ``results.md`` and ``plots/*.png`` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import _distributed
+import torch
+from _config import Config
+from _data import ShardedSampler, Splits
+from _logging import RunLog
+from _methods import PAPER_NAMES
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+EVAL_ATTACKS = ("max-average", "average")
+
+
+def _loader(dataset: Any, config: Config, env: _distributed.DistEnv) -> DataLoader[Any]:
+    sampler = ShardedSampler(
+        dataset, rank=env.rank, world_size=env.world_size, shuffle=False, pad=False
+    )
+    return DataLoader(
+        dataset,
+        batch_size=config.eval.batch_size,
+        sampler=sampler,
+        num_workers=config.data.num_workers,
+        pin_memory=env.device.type == "cuda",
+    )
+
+
+def _gather_cat(tensor: Tensor, dim: int) -> Tensor:
+    """Concatenate every rank's CPU tensor along ``dim`` (rank order) on every rank."""
+    parts = _distributed.gather_objects(tensor.cpu())
+    return torch.cat(parts, dim=dim)
+
+
+def _eval_attack(
+    model: nn.Module, config: Config, mode: str, seed: int, exit_index: int | None = None
+) -> Any:
+    from neokd_losses.attacks.pgd import MultiExitPGD
+
+    a = config.attack
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    return MultiExitPGD(
+        model,
+        eps=a.eps,
+        alpha=a.step_size,
+        steps=a.eval_steps,
+        random_start=a.random_start,
+        mode=mode,
+        exit_index=exit_index,
+        generator=generator,
+    )
+
+
+def _collect(
+    model: nn.Module, loader: DataLoader[Any], attack: Any, progress: bool
+) -> tuple[Tensor, Tensor]:
+    """Logits (E, N, K) and labels (N,) of the whole split, gathered over ranks."""
+    from neokd_losses.evaluation.budgeted import collect_logits
+
+    logits, labels = collect_logits(model, loader, attack, progress=progress)
+    return _gather_cat(logits, 1), _gather_cat(labels, 0)
+
+
+def _anytime(logits: Tensor, labels: Tensor, attack: str | None) -> Any:
+    from neokd_losses.evaluation.anytime import AnytimeResult
+
+    correct = (logits.argmax(-1) == labels).sum(-1)
+    return AnytimeResult(tuple(int(c) for c in correct.tolist()), int(labels.shape[0]), attack)
+
+
+def transfer_rates(
+    model: nn.Module, loader: DataLoader[Any], config: Config, seed: int, progress: bool
+) -> tuple[Tensor, int]:
+    """The E x E transferability matrix over the whole split, and its number of samples.
+
+    Each rank runs ``transferability_matrix`` on its share; the rates are weighted by the
+    share's size and summed over ranks.
+    """
+    from neokd_losses.evaluation.transfer import transferability_matrix
+
+    a = config.attack
+    device = next(model.parameters()).device
+    n_local = len(loader.sampler)  # type: ignore[arg-type]
+    matrix = transferability_matrix(
+        model,
+        loader,
+        eps=a.eps,
+        alpha=a.step_size,
+        steps=a.eval_steps,
+        random_start=a.random_start,
+        generator=torch.Generator(device=device).manual_seed(seed),
+        progress=progress,
+    )
+    weighted = _distributed.all_reduce_sum(matrix.double().to(device) * n_local)
+    n = int(
+        _distributed.all_reduce_sum(
+            torch.tensor(float(n_local), dtype=torch.float64, device=device)
+        )
+    )
+    return (weighted / max(1, n)).cpu(), n
+
+
+def evaluate(
+    model: nn.Module,
+    splits: Splits,
+    config: Config,
+    env: _distributed.DistEnv,
+    *,
+    progress: bool = True,
+    log: RunLog | None = None,
+) -> dict[str, Any] | None:
+    """Run the whole evaluation; return the results dict on rank 0 (None elsewhere).
+
+    Also writes ``results.json``, ``results.md`` and, with ``eval.plots``, the figures.
+    """
+    from neokd_losses.evaluation.budgeted import budget_curve
+    from neokd_losses.evaluation.flops import exit_costs
+
+    started = time.perf_counter()
+    log = log or RunLog(config.out_dir / "log.jsonl", enabled=False)
+    model.eval()
+    seed = config.run.seed * 1000 + 100 + 17 * env.rank
+    test_loader = _loader(splits.test, config, env)
+    val_loader = _loader(splits.val, config, env)
+
+    logits: dict[str, tuple[Tensor, Tensor]] = {
+        "clean": _collect(model, test_loader, None, progress)
+    }
+    val_logits: dict[str, tuple[Tensor, Tensor]] = {
+        "clean": _collect(model, val_loader, None, progress)
+    }
+    for k, mode in enumerate(EVAL_ATTACKS):
+        log.info(f"evaluating under {config.attack.eval_steps}-step PGD {mode} ...")
+        attack = _eval_attack(model, config, mode, seed + k)
+        logits[mode] = _collect(model, test_loader, attack, progress)
+    log.info("budgeted evaluation: attacking the validation split ...")
+    val_logits["max-average"] = _collect(
+        model, val_loader, _eval_attack(model, config, "max-average", seed + 5), progress
+    )
+    log.info("transferability: one single-exit attack per exit ...")
+    transfer_limited = config.eval.transfer_cap and config.eval.transfer_cap < len(splits.test)  # type: ignore[arg-type]
+    transfer_data = (
+        torch.utils.data.Subset(splits.test, range(config.eval.transfer_cap))
+        if transfer_limited
+        else splits.test
+    )
+    matrix_t, n_transfer = transfer_rates(
+        model, _loader(transfer_data, config, env), config, seed + 50, progress
+    )
+
+    if not env.is_main:
+        return None
+    probe = splits.test[0][0].unsqueeze(0).to(next(model.parameters()).device)
+    costs = [float(c) for c in exit_costs(model, probe)]
+    anytime = {
+        name: _anytime(z, y, None if name == "clean" else f"PGD-{config.attack.eval_steps} {name}")
+        for name, (z, y) in logits.items()
+    }
+    curves = {
+        name: budget_curve(
+            *val_logits[name], *logits[name], costs, num_points=config.eval.budget_points
+        )
+        for name in ("clean", "max-average")
+    }
+    from neokd_losses.evaluation.transfer import off_diagonal_mean
+
+    matrix = matrix_t.tolist()
+    num_exits = len(matrix)
+    results: dict[str, Any] = {
+        "setting": config.name,
+        "method": config.loss.method,
+        "method_name": PAPER_NAMES[config.loss.method],
+        "train_attack": config.attack.train_mode,
+        "epochs": config.optim.epochs,
+        "num_exits": num_exits,
+        "samples": {
+            "train": len(splits.train),
+            "val": len(splits.val),
+            "test": int(logits["clean"][1].shape[0]),
+        },  # type: ignore[arg-type]
+        "attack": {
+            "eps": config.attack.eps,
+            "step_size": config.attack.step_size,
+            "eval_steps": config.attack.eval_steps,
+            "random_start": config.attack.random_start,
+        },
+        "anytime": {name: r.to_dict() for name, r in anytime.items()},
+        "budget": {name: c.to_dict() for name, c in curves.items()},
+        "exit_costs": costs,
+        "transferability": {
+            "matrix": matrix,
+            "off_diagonal_mean": off_diagonal_mean(matrix_t) if num_exits > 1 else 0.0,
+            "num_samples": n_transfer,
+            "definition": "fraction of test samples misclassified at exit j (column) by a "
+            "single-exit PGD attack generated on exit i (row)",
+        },
+        "eval_seconds": round(time.perf_counter() - started, 2),
+        "config": config.to_dict(),
+        "world_size": env.world_size,
+        "device": str(env.device),
+    }
+    write_results(results, config.out_dir, plots=config.eval.plots)
+    log.info(f"results written to {config.out_dir / 'results.json'}")
+    return results
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The per-run markdown report: anytime table, transferability, budget summary."""
+    from neokd_losses.evaluation.anytime import AnytimeResult, anytime_table
+
+    rows = {
+        name: AnytimeResult(tuple(r["correct"]), r["num_samples"], r["attack"])
+        for name, r in results["anytime"].items()
+    }
+    e = results["num_exits"]
+    t = results["transferability"]
+    lines = [
+        f"## {results['setting']}: {results['method_name']} (trained with PGD {results['train_attack']})",
+        "",
+        f"Anytime accuracy (%), {results['samples']['test']} test samples, "
+        f"eps = {results['attack']['eps']:.4g}, {results['attack']['eval_steps']}-step PGD:",
+        "",
+        anytime_table({"clean" if k == "clean" else f"PGD {k}": v for k, v in rows.items()}),
+        "",
+        f"Adversarial transferability (% of samples misclassified at exit j by a single attack "
+        f"on exit i; {t['num_samples']} samples), off-diagonal mean {100 * t['off_diagonal_mean']:.2f}%:",
+        "",
+        "| attack on \\ at | " + " | ".join(f"exit {j + 1}" for j in range(e)) + " |",
+        "|" + "---|" * (e + 1),
+    ]
+    for i, row in enumerate(t["matrix"]):
+        lines.append(f"| exit {i + 1} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
+    lines += ["", "Budgeted prediction (test accuracy % at the budget points' expected cost):", ""]
+    lines += ["| inputs | lowest cost | median cost | highest cost |", "|---|---|---|---|"]
+    for name, curve in results["budget"].items():
+        pts = sorted(zip(curve["mean_costs"], curve["accuracies"], strict=True))
+        picks = [pts[0], pts[len(pts) // 2], pts[-1]]
+        lines.append(
+            f"| {name} | " + " | ".join(f"{100 * a:.2f} @ {c:.4g}" for c, a in picks) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: dict[str, Any], out_dir: Path, *, plots: bool = True) -> None:
+    """``results.json``, ``results.md`` and (optionally) ``plots/*.png`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    tmp.replace(out_dir / "results.json")
+    (out_dir / "results.md").write_text(summary_markdown(results))
+    if plots:
+        write_plots(results, out_dir / "plots")
+
+
+def write_plots(results: dict[str, Any], folder: Path) -> None:
+    from neokd_losses.evaluation import plots as P
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = results["method_name"]
+    P.plot_budget_curves(
+        {f"{name}, {k}": v for k, v in results["budget"].items()},
+        folder / "budget.png",
+        title=f"{results['setting']}: budgeted prediction",
+        cost_label="expected multiply-adds per sample",
+    )
+    P.plot_transferability(
+        results["transferability"]["matrix"],
+        folder / "transferability.png",
+        title=f"{results['setting']}, {name}: attack success rate (%)",
+    )
+    P.plot_exit_accuracies(
+        {k: v["per_exit"] for k, v in results["anytime"].items()},
+        folder / "exits.png",
+        title=f"{results['setting']}, {name}: anytime accuracy",
+    )

@@ -1,0 +1,111 @@
+"""Models of the reference loop: the digits CNN, the package's architectures, normalisation.
+
+Every model takes images in [0, 1] and returns a list of E exit logits (B, K), earliest
+exit first. Settings that normalise their inputs get a ``Normalized`` wrapper whose first
+step is ``(x - mean) / std``, so attacks keep working in pixel space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class DigitsCNN(nn.Module):
+    """A 3-exit CNN for scikit-learn's 8x8 digits, a scaled-down SmallCNN.
+
+    With width w (default 16):
+    trunk: conv 3x3 1->w (pad 1), ReLU -> [exit 1] -> conv 3x3 w->w, ReLU, maxpool 2 ->
+    conv 3x3 w->2w, ReLU -> [exit 2] -> conv 3x3 2w->2w, ReLU, maxpool 2 -> flatten 8w ->
+    fc 8w->128, ReLU, dropout -> fc 128->K [exit 3].
+    Exit 1 head: conv 3x3 stride 2 w->w -> flatten 16w -> linear 16w->64 -> linear 64->K.
+    Exit 2 head: maxpool 2 -> flatten 8w -> linear 8w->64 -> linear 64->K.
+    Convolutions are Kaiming-normal initialised with zero biases.
+
+    Shape:
+        - input: (B, C, 8, 8) in [0, 1].
+        - output: list of 3 tensors (B, K).
+    """
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, width: int = 16, dropout: float = 0.3
+    ) -> None:
+        super().__init__()
+        w = width
+        self.block1 = nn.Sequential(nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU())
+        self.block2 = nn.Sequential(
+            nn.Conv2d(w, w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.block3 = nn.Sequential(
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(8 * w, 128),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+        self.head1 = nn.Sequential(
+            nn.Conv2d(w, w, 3, stride=2, padding=1),
+            nn.Flatten(),
+            nn.Linear(16 * w, 64),
+            nn.Linear(64, num_classes),
+        )
+        self.head2 = nn.Sequential(
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * w, 64), nn.Linear(64, num_classes)
+        )
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h1 = self.block1(x)
+        h2 = self.block2(h1)
+        return [self.head1(h1), self.head2(h2), self.block3(h2)]
+
+
+class Normalized(nn.Module):
+    """Apply ``(x - mean) / std`` per channel, then the wrapped multi-exit model."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))  # type: ignore[no-any-return]
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> nn.Module:
+    """Instantiate a model of the config's ``model.name``, wrapped in ``Normalized`` if asked."""
+    from neokd_losses import models
+
+    model: nn.Module
+    if name == "digits_cnn":
+        model = DigitsCNN(num_classes=num_classes, in_channels=in_channels)
+    elif name == "smallcnn":
+        model = models.SmallCNN(num_classes=num_classes, in_channels=in_channels)
+    else:
+        factory = getattr(models, name)
+        model = factory(num_classes=num_classes, in_channels=in_channels)
+    if mean is not None and std is not None:
+        model = Normalized(model, mean, std)
+    return model

@@ -1,0 +1,272 @@
+"""Reproduce one NEO-KD paper setting: train every method, then print the side-by-side table.
+
+    python examples/reproduce.py                      # digits: adv and neokd, CPU, minutes
+    python examples/reproduce.py cifar10_msdnet3      # Adv. w/o distill, SKD, ARD, NEO-KD
+    python examples/reproduce.py cifar100_msdnet7 --nproc-per-node 2 --data-dir /data
+
+Each method trains with ``examples/train.py``'s loop into ``<out-root>/<setting>/<method>``
+(a finished run with the same settings is reused, an interrupted one resumed). The table
+follows the paper's anytime-prediction table: per-exit adversarial test accuracy under the
+max-average and the average attack with their mean over exits, plus the mean clean
+accuracy and the mean off-diagonal adversarial transferability. It is printed and written
+to ``<out-root>/<setting>/summary.md`` (with ``summary.json`` and a budget-curve figure
+comparing the methods).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from _config import ConfigError, load
+from _data import DatasetError
+from _methods import PAPER_NAMES
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = HERE / "configs"
+SETTINGS = sorted(p.stem for p in CONFIGS.glob("*.toml"))
+
+DEFAULT_METHODS = {"digits": ["adv", "neokd"]}
+PAPER_METHODS = ["adv", "skd", "ard", "neokd"]
+
+# REFERENCE.md section 5: average adversarial test accuracy over exits (%), anytime
+# prediction, models trained with the max-average attack.
+PAPER_RESULTS: dict[str, dict[str, tuple[float, float]]] = {
+    "mnist_smallcnn": {
+        "adv": (94.15, 92.75),
+        "skd": (94.36, 92.82),
+        "ard": (93.97, 92.82),
+        "neokd": (94.49, 93.50),
+    },
+    "cifar10_msdnet3": {
+        "adv": (45.91, 40.04),
+        "skd": (44.69, 39.71),
+        "ard": (47.39, 41.63),
+        "neokd": (48.30, 44.20),
+    },
+    "cifar100_msdnet7": {
+        "adv": (27.12, 18.13),
+        "skd": (24.26, 18.06),
+        "ard": (27.95, 18.73),
+        "neokd": (28.96, 22.88),
+    },
+    "imagenet_msdnet5": {
+        "adv": (30.45, 25.58),
+        "skd": (28.43, 23.57),
+        "ard": (30.89, 24.71),
+        "neokd": (32.37, 29.98),
+    },
+}
+# Mean off-diagonal transferability (%), CIFAR-100, 7 exits.
+PAPER_TRANSFER = {"cifar100_msdnet7": {"adv": 23.68, "skd": 33.36, "neokd": 20.12}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "setting", nargs="?", default="digits", choices=SETTINGS, help="paper setting (config name)"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=tuple(PAPER_NAMES),
+        help="methods to run (default: the paper's)",
+    )
+    p.add_argument(
+        "--train-attack", choices=("max-average", "average"), help="attack used for training"
+    )
+    p.add_argument("--out-root", default="runs", help="runs go to <out-root>/<setting>/<method>")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--train-cap", type=int)
+    p.add_argument("--eval-cap", type=int)
+    p.add_argument("--device")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"))
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--nproc-per-node", type=int, default=1, help=">1 launches each run with torchrun"
+    )
+    p.add_argument("--rerun", action="store_true", help="retrain even when finished results exist")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _train_args(args: argparse.Namespace, method: str, out_dir: Path) -> list[str]:
+    argv = [
+        "--config",
+        str(CONFIGS / f"{args.setting}.toml"),
+        "--method",
+        method,
+        "--out-dir",
+        str(out_dir),
+    ]
+    for flag in (
+        "train_attack",
+        "epochs",
+        "batch_size",
+        "data_dir",
+        "train_cap",
+        "eval_cap",
+        "device",
+        "amp",
+        "workers",
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.compile is not None:
+        argv.append("--compile" if args.compile else "--no-compile")
+    for item in args.set:
+        argv += ["--set", item]
+    if args.no_progress:
+        argv.append("--no-progress")
+    return argv
+
+
+def _finished(out_dir: Path, config: Any) -> bool:
+    """True when ``out_dir`` holds a finished run evaluated with exactly this configuration."""
+    results, ckpt = out_dir / "results.json", out_dir / "checkpoint.pt"
+    if not (results.is_file() and ckpt.is_file()):
+        return False
+    import _checkpoint
+
+    saved = json.loads(results.read_text()).get("config")
+    return bool(_checkpoint.load(ckpt).get("finished")) and saved == config.to_dict()
+
+
+def run_method(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
+    """Train and evaluate one method (or reuse its results); None if it was interrupted."""
+    import train
+
+    out_dir = Path(args.out_root) / args.setting / method
+    argv = _train_args(args, method, out_dir)
+    parsed = train.build_parser().parse_args(argv)
+    config = load(parsed.config, train.overrides_from_args(parsed))
+    if not args.rerun and _finished(out_dir, config):
+        print(f"[{method}] reusing finished run in {out_dir}", file=sys.stderr)
+        return json.loads((out_dir / "results.json").read_text())
+    resume = not args.rerun and (out_dir / "checkpoint.pt").is_file()
+    if args.nproc_per_node > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={args.nproc_per_node}",
+            str(HERE / "train.py"),
+            *argv,
+            *(["--resume"] if resume else ["--overwrite"]),
+        ]
+        code = subprocess.call(cmd)
+        if code != 0:
+            raise SystemExit(code)
+        return json.loads((out_dir / "results.json").read_text())
+    outcome = train.run(config, resume=resume, overwrite=not resume, progress=not args.no_progress)
+    if outcome.status != "finished":
+        print(f"[{method}] interrupted; run the same command again to resume.", file=sys.stderr)
+        raise SystemExit(outcome.exit_code)
+    return outcome.results
+
+
+def comparison_table(setting: str, results: dict[str, dict[str, Any]]) -> str:
+    """The paper-format table: per-exit adversarial accuracy under both attacks, means,
+    clean accuracy and transferability, one row per method (percent)."""
+    any_result = next(iter(results.values()))
+    e = any_result["num_exits"]
+    exits = [f"exit {i + 1}" for i in range(e)]
+    header = [
+        "Method",
+        *(f"max-avg {x}" for x in exits),
+        "**max-avg mean**",
+        *(f"avg {x}" for x in exits),
+        "**avg mean**",
+        "clean mean",
+        "transfer (off-diag)",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, r in results.items():
+        ma, av = r["anytime"]["max-average"], r["anytime"]["average"]
+        cells = [
+            r["method_name"],
+            *(f"{100 * a:.2f}" for a in ma["per_exit"]),
+            f"**{100 * ma['mean']:.2f}**",
+            *(f"{100 * a:.2f}" for a in av["per_exit"]),
+            f"**{100 * av['mean']:.2f}**",
+            f"{100 * r['anytime']['clean']['mean']:.2f}",
+            f"{100 * r['transferability']['off_diagonal_mean']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    a = any_result
+    note = (
+        f"\n{setting}: {a['samples']['test']} test samples, eps = {a['attack']['eps']:.4g}, "
+        f"{a['attack']['eval_steps']}-step PGD, models trained with the {a['train_attack']} attack "
+        f"for {a['epochs']} epochs; device {a['device']}."
+    )
+    paper = PAPER_RESULTS.get(setting)
+    if paper:
+        note += "\n\nPaper (REFERENCE.md section 5), mean adversarial accuracy over exits (%):\n\n"
+        note += (
+            "| Method | max-average | average |"
+            + (" transfer |" if setting in PAPER_TRANSFER else "")
+            + "\n"
+        )
+        note += "|---|---|---|" + ("---|" if setting in PAPER_TRANSFER else "") + "\n"
+        for method, (m1, m2) in paper.items():
+            row = f"| {PAPER_NAMES[method]} | {m1:.2f} | {m2:.2f} |"
+            if setting in PAPER_TRANSFER:
+                t = PAPER_TRANSFER[setting].get(method)
+                row += f" {t:.2f} |" if t is not None else " - |"
+            note += row + "\n"
+    return "\n".join(lines) + "\n" + note
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    methods = args.methods or DEFAULT_METHODS.get(args.setting, PAPER_METHODS)
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for method in methods:
+            print(f"[{method}] {args.setting}: training and evaluating ...", file=sys.stderr)
+            result = run_method(args, method)
+            if result is not None:
+                results[method] = result
+    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        if "different configuration" in str(err):
+            print(
+                "(reproduce.py: pass --rerun to retrain it from scratch, or another --out-root)",
+                file=sys.stderr,
+            )
+        return 2
+    table = comparison_table(args.setting, results)
+    root = Path(args.out_root) / args.setting
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "summary.md").write_text(table)
+    (root / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        from neokd_losses.evaluation.plots import plot_budget_curves
+
+        plot_budget_curves(
+            {
+                f"{r['method_name']}, {k}": c
+                for r in results.values()
+                for k, c in r["budget"].items()
+            },
+            root / "budget.png",
+            title=f"{args.setting}: budgeted prediction",
+            cost_label="expected multiply-adds per sample",
+        )
+    except ImportError as err:  # matplotlib missing: the table is still there
+        print(f"note: no figure ({err})", file=sys.stderr)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""reproduce.py: every method of a setting, reuse of finished runs, the paper-format table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import reproduce
+
+from .conftest import TINY
+
+
+def _fake_result(
+    method: str,
+    maxavg: list[float],
+    avg: list[float],
+    clean: list[float],
+    matrix: list[list[float]],
+) -> dict:
+    def anytime(per_exit: list[float]) -> dict:
+        return {"per_exit": per_exit, "mean": sum(per_exit) / len(per_exit)}
+
+    off = [matrix[i][j] for i in range(len(matrix)) for j in range(len(matrix)) if i != j]
+    return {
+        "method_name": reproduce.PAPER_NAMES[method],
+        "num_exits": len(maxavg),
+        "anytime": {
+            "clean": anytime(clean),
+            "max-average": anytime(maxavg),
+            "average": anytime(avg),
+        },
+        "transferability": {"off_diagonal_mean": sum(off) / len(off)},
+        "samples": {"test": 10},
+        "attack": {"eps": 0.3, "eval_steps": 50},
+        "train_attack": "max-average",
+        "epochs": 150,
+        "device": "cpu",
+    }
+
+
+def test_comparison_table_in_paper_format() -> None:
+    results = {
+        "adv": _fake_result("adv", [0.5, 0.6], [0.4, 0.5], [0.9, 1.0], [[1.0, 0.25], [0.75, 1.0]]),
+        "neokd": _fake_result(
+            "neokd", [0.7, 0.8], [0.6, 0.7], [0.8, 0.9], [[1.0, 0.1], [0.2, 1.0]]
+        ),
+    }
+    table = reproduce.comparison_table("mnist_smallcnn", results).splitlines()
+    assert table[0] == (
+        "| Method | max-avg exit 1 | max-avg exit 2 | **max-avg mean** | avg exit 1 | avg exit 2 | **avg mean** "
+        "| clean mean | transfer (off-diag) |"
+    )
+    assert (
+        table[2]
+        == "| Adv. w/o distill | 50.00 | 60.00 | **55.00** | 40.00 | 50.00 | **45.00** | 95.00 | 50.00 |"
+    )
+    assert (
+        table[3]
+        == "| NEO-KD | 70.00 | 80.00 | **75.00** | 60.00 | 70.00 | **65.00** | 85.00 | 15.00 |"
+    )
+    text = "\n".join(table)
+    assert "| NEO-KD | 94.49 | 93.50 |" in text  # the paper's MNIST row is printed below
+
+
+def test_reproduce_runs_each_method_then_reuses_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["digits", "--out-root", str(tmp_path), "--no-progress"]
+    for key, value in TINY.items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    assert reproduce.main(argv) == 0
+    captured = capsys.readouterr()
+    summary = (tmp_path / "digits" / "summary.md").read_text()
+    assert captured.out.strip() == summary.strip()
+    rows = [
+        line
+        for line in summary.splitlines()
+        if line.startswith("| Adv.") or line.startswith("| NEO-KD")
+    ]
+    assert len(rows) == 2
+    assert (tmp_path / "digits" / "budget.png").stat().st_size > 0
+    for method in ("adv", "neokd"):
+        assert (tmp_path / "digits" / method / "results.json").is_file()
+    saved = json.loads((tmp_path / "digits" / "summary.json").read_text())
+    assert set(saved) == {"adv", "neokd"}
+    # Second call: nothing is retrained, the same table comes back.
+    assert reproduce.main(argv) == 0
+    again = capsys.readouterr()
+    assert again.err.count("reusing finished run") == 2 and again.out == captured.out
+    # A changed evaluation setting re-evaluates the finished runs without retraining them.
+    assert reproduce.main([*argv, "--set", "eval.budget_points=2", "--methods", "adv"]) == 0
+    capsys.readouterr()
+    adv = json.loads((tmp_path / "digits" / "adv" / "results.json").read_text())
+    assert len(adv["budget"]["clean"]["accuracies"]) == 2
+    assert len((tmp_path / "digits" / "adv" / "log.jsonl").read_text().splitlines()) == 1
+    # A changed training setting is not silently reused: the old run is refused on resume.
+    assert reproduce.main([*argv, "--set", "optim.lr=0.5", "--methods", "adv"]) == 2
+    assert "different configuration" in capsys.readouterr().err
