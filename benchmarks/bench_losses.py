@@ -30,7 +30,11 @@ def loop_neokd(
     for j in range(batch):
         y = targets[j : j + 1]
         for i in range(num_exits):
-            total = total + F.cross_entropy(clean[i][j : j + 1], y) + F.cross_entropy(adv[i][j : j + 1], y)
+            total = (
+                total
+                + F.cross_entropy(clean[i][j : j + 1], y)
+                + F.cross_entropy(adv[i][j : j + 1], y)
+            )
             if num_exits == 1:
                 members = [0]
             elif i == 0:
