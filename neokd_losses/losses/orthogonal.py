@@ -19,6 +19,7 @@ from .._exits import (
     ExitLogits,
     ExitWeights,
     Reduction,
+    _is_compiling,
     as_exit_weights,
     check_reduction,
     check_same_exits,
@@ -96,13 +97,33 @@ def orthogonal_label_mask(
     scores = torch.rand(batch, num_classes, generator=generator, device=draw_device).to(device)
     # The target sorts last, so the first K - 1 columns are the shuffled non-target classes.
     scores.scatter_(1, targets[:, None].long(), 2.0)
-    order = scores.argsort(dim=1)[:, : num_exits * per_exit]
+    order = _argsort_rows(scores)[:, : num_exits * per_exit]
     dealt = torch.arange(num_exits * per_exit, device=device) // per_exit
     owner = torch.full((batch, num_classes), -1, dtype=torch.long, device=device)
     owner.scatter_(1, order, dealt.expand(batch, -1))
     exits = torch.arange(num_exits, device=device)[:, None, None]
     mask = owner[None] == exits
     return mask | F.one_hot(targets.long(), num_classes).bool()[None]
+
+
+def _argsort_rows(scores: Tensor) -> Tensor:
+    """Argsort of each row of a (B, K) float tensor.
+
+    On the CPU, torch's row-wise argsort of short rows costs about 4 µs a row, which made
+    the mask draw a fifth of the whole NEO-KD loss (benchmarks/bench_losses.py); NumPy's
+    vectorised sort is about 5x faster there. Keys are continuous uniforms, so ties have
+    probability ~0 and both paths give the same permutation. CUDA tensors and traced code
+    (torch.compile) use torch.argsort.
+    """
+    if scores.device.type == "cpu" and not _is_compiling():
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover - numpy is optional for torch
+            pass
+        else:
+            order = np.argsort(scores.numpy(), axis=1)
+            return torch.from_numpy(order).to(torch.long)
+    return scores.argsort(dim=1)
 
 
 def _orthogonal_kd_terms(

@@ -170,3 +170,12 @@ def test_bad_mask() -> None:
         exitwise_orthogonal_kd(adv, adv, targets, mask=torch.ones(3, 4, 10))
     with pytest.raises(ValueError, match=r"\(3, 4, 10\).*got \(3, 4, 9\)"):
         exitwise_orthogonal_kd(adv, adv, targets, mask=torch.ones(3, 4, 9, dtype=torch.bool))
+
+
+def test_cpu_fast_argsort_matches_torch() -> None:
+    from neokd_losses.losses.orthogonal import _argsort_rows
+
+    scores = torch.rand(64, 37, generator=torch.Generator().manual_seed(0))
+    got = _argsort_rows(scores)
+    assert got.dtype == torch.long
+    assert torch.equal(got, scores.argsort(dim=1))
