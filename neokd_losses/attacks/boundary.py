@@ -12,10 +12,8 @@ tensor (B, K); for one exit of a multi-exit network wrap it in
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
 import torch
@@ -24,6 +22,15 @@ from torch import Tensor, nn
 from torchattacks.attack import Attack
 
 from neokd_losses._exits import check_targets
+from neokd_losses.attacks._common import (
+    RANGE_TOLERANCE,
+    as_int,
+    as_real,
+    check_image_kind,
+    check_image_range,
+    preserved_modes,
+    upcast,
+)
 
 __all__ = ["BoundarySupportingAttack", "BoundarySupportingSamples", "TargetSampling"]
 
@@ -31,7 +38,6 @@ TargetSampling = Literal["sample", "all"]
 """How target classes are chosen: drawn in proportion to p_n^k, or every non-top class."""
 
 _SAMPLINGS: tuple[str, ...] = get_args(TargetSampling)
-_RANGE_TOLERANCE = 1e-5  # round-off allowed after undoing set_normalization_used
 _NORM_FLOOR = 1e-12  # a zero gradient gives a zero step instead of a division by zero
 
 _R = TypeVar("_R")
@@ -85,35 +91,6 @@ class BoundarySupportingSamples(NamedTuple):
     probability: Tensor
     steps: Tensor
     crossed: Tensor
-
-
-@contextlib.contextmanager
-def _preserved_modes(module: nn.Module) -> Iterator[None]:
-    """Restore the train/eval flag of ``module`` and every submodule on exit."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a real number, got bool {value!r}.")
-    try:
-        return float(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}.") from err
-
-
-def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got bool {value!r}.")
-    try:
-        return operator.index(value)
-    except TypeError as err:
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.") from err
 
 
 class BoundarySupportingAttack(Attack):  # type: ignore[misc]
@@ -205,15 +182,15 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
             raise TypeError(
                 f"`model` must be an nn.Module returning logits (B, K), got {type(model).__name__}."
             )
-        eta_ = _real(eta, "eta")
+        eta_ = as_real(eta, "eta")
         if not (eta_ > 0 and eta_ != float("inf")):
             raise ValueError(
                 f"`eta` (the step-size factor) must be a finite number > 0, got {eta!r}."
             )
-        steps = _int(max_steps, "max_steps")
+        steps = as_int(max_steps, "max_steps")
         if steps < 1:
             raise ValueError(f"`max_steps` must be >= 1, got {max_steps!r}.")
-        targets = _int(num_targets, "num_targets")
+        targets = as_int(num_targets, "num_targets")
         if targets < 1:
             raise ValueError(f"`num_targets` must be >= 1, got {num_targets!r}.")
         if sampling not in _SAMPLINGS:
@@ -308,53 +285,19 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
         renormalise: Callable[[_R], _R],
     ) -> _R:
         """Run ``run`` with the attack's model mode and torchattacks' normalisation rules."""
-        self._check_image_kind(inputs)
-        with _preserved_modes(self.model):
+        check_image_kind(inputs)
+        with preserved_modes(self.model):
             self._change_model_mode(self.model.training)
             if self._normalization_applied is not True:
                 return run(inputs, labels)
             images = self.inverse_normalize(inputs).to(inputs.dtype)
-            self._check_range(images, _RANGE_TOLERANCE, normalised=True)
+            check_image_range(images, RANGE_TOLERANCE, normalised=True)
             self._set_normalization_applied(False)
             try:
                 result = run(images.clamp(0, 1), labels)
             finally:
                 self._set_normalization_applied(True)
             return renormalise(result)
-
-    @staticmethod
-    def _check_image_kind(images: Any) -> None:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"`images` must be a Tensor (B, ...), got {type(images).__name__}.")
-        if not images.is_floating_point():
-            raise TypeError(
-                f"`images` must be floating point in [0, 1], got dtype {images.dtype}. "
-                "Convert 8-bit images with `images.float() / 255`."
-            )
-        if images.dim() < 2:
-            raise ValueError(
-                f"`images` must be a batch (B, ...) with at least 2 dimensions, "
-                f"got shape {tuple(images.shape)}."
-            )
-
-    @staticmethod
-    def _check_range(images: Tensor, tolerance: float, *, normalised: bool) -> None:
-        if images.numel() == 0:
-            return
-        low, high = (float(v) for v in torch.aminmax(images.detach()))
-        if low >= -tolerance and high <= 1 + tolerance:
-            return
-        if normalised:
-            raise ValueError(
-                "`images` must be normalised with the mean and std given to "
-                "set_normalization_used, i.e. lie in [0, 1] once un-normalised; got values "
-                f"in [{low:.6g}, {high:.6g}] after un-normalising."
-            )
-        raise ValueError(
-            f"`images` must lie in [0, 1], got values in [{low:.6g}, {high:.6g}]. Scale them "
-            "to [0, 1], or use set_normalization_used(mean, std) for a model that expects "
-            "normalised inputs."
-        )
 
     def _device(self, images: Tensor) -> torch.device:
         for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
@@ -391,8 +334,8 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
         self, images: Tensor, labels: Tensor | None, *, num_targets: int, sampling: str
     ) -> BoundarySupportingSamples:
         """Boundary-supporting samples for images in [0, 1] (no normalisation handling)."""
-        self._check_image_kind(images)
-        self._check_range(images, 0.0, normalised=False)
+        check_image_kind(images)
+        check_image_range(images, 0.0, normalised=False)
         if labels is None:
             raise TypeError(
                 "BoundarySupportingAttack needs the labels: call atk(images, labels) with "
@@ -403,7 +346,7 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
         with torch.inference_mode(False), torch.enable_grad():
             x0 = images.detach().to(device).clone()
             with torch.no_grad():
-                logits0 = self._upcast(self.get_logits(x0))
+                logits0 = upcast(self.get_logits(x0))
             num_classes = logits0.shape[1]
             if num_classes < 2:
                 raise ValueError(
@@ -442,7 +385,7 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
             if active.numel() == 0:
                 break
             xa = x[active].requires_grad_(True)
-            logits = self._upcast(self.get_logits(xa))
+            logits = upcast(self.get_logits(xa))
             still = logits.argmax(1) == base[active]
             if step == self.max_steps or not bool(still.any()):
                 active = active[still]
@@ -464,7 +407,3 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
         crossed = torch.ones(rows, dtype=torch.bool, device=x.device)
         crossed[active] = False
         return x.detach(), steps, crossed
-
-    @staticmethod
-    def _upcast(logits: Tensor) -> Tensor:
-        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits

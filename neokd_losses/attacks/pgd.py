@@ -8,15 +8,11 @@ returns a sequence of E logits tensors (B, K); every loss below is computed from
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import math
-import numbers
-import operator
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Literal, get_args
 
 import torch
@@ -32,6 +28,15 @@ from neokd_losses._exits import (
     check_targets,
     stack_exits,
 )
+from neokd_losses.attacks._common import (
+    RANGE_TOLERANCE,
+    as_int,
+    as_real,
+    check_image_kind,
+    check_image_range,
+    preserved_modes,
+    upcast,
+)
 from neokd_losses.attacks.exit_view import ExitView, as_exit_list
 
 __all__ = ["AttackMode", "MultiExitPGD", "ThreatModel"]
@@ -46,7 +51,6 @@ _MODES: tuple[str, ...] = get_args(AttackMode)
 _NORMS: tuple[str, ...] = get_args(ThreatModel)
 
 _L2_DIVISION_EPS = 1e-10  # added to gradient norms before dividing, as torchattacks' PGDL2
-_RANGE_TOLERANCE = 1e-5  # round-off allowed after undoing set_normalization_used
 
 RowLoss = Callable[[list[Tensor], Tensor], Tensor]
 """Maps the exit logits of N rows and their labels (N,) to the loss of every row (N,)."""
@@ -66,22 +70,6 @@ def _final_exit_view(model: nn.Module) -> ExitView:
     return view
 
 
-@contextlib.contextmanager
-def _preserved_modes(module: nn.Module) -> Iterator[None]:
-    """Restore the train/eval flag of ``module`` and of every submodule on exit."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def _upcast(logits: Tensor) -> Tensor:
-    """float16 / bfloat16 logits (autocast) to float32; float32 and float64 unchanged."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
 def _per_exit_ce(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of every exit and row: logits (E, N, K), labels (N,) -> (E, N)."""
     num_exits = logits.shape[0]
@@ -95,7 +83,7 @@ def _exit_loss(exit_index: int) -> RowLoss:
     """Every row's CE at one exit (read alone, so autograd skips the other exits)."""
 
     def loss(exits: list[Tensor], labels: Tensor) -> Tensor:
-        return F.cross_entropy(_upcast(exits[exit_index]), labels, reduction="none")
+        return F.cross_entropy(upcast(exits[exit_index]), labels, reduction="none")
 
     return loss
 
@@ -121,25 +109,6 @@ def _look_like_probabilities(logits: Tensor) -> bool:
     in_unit = bool(((logits >= 0) & (logits <= 1)).all())
     sums = logits.sum(-1)
     return in_unit and bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
-
-
-def _real(value: Any, name: str) -> float:
-    is_scalar_tensor = isinstance(value, Tensor) and value.numel() == 1
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or is_scalar_tensor):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}.")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"`{name}` must be finite, got {value!r}.")
-    return result
-
-
-def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got bool.")
-    try:
-        return operator.index(value)
-    except TypeError as err:
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.") from err
 
 
 class MultiExitPGD(Attack):  # type: ignore[misc]
@@ -281,13 +250,13 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         max_batch: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        eps_ = _real(eps, "eps")
+        eps_ = as_real(eps, "eps")
         if eps_ < 0:
             raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
-        alpha_ = _real(alpha, "alpha")
+        alpha_ = as_real(alpha, "alpha")
         if alpha_ <= 0:
             raise ValueError(f"`alpha` (the step size) must be > 0, got {alpha!r}.")
-        steps_ = _int(steps, "steps")
+        steps_ = as_int(steps, "steps")
         if steps_ < 0:
             raise ValueError(f"`steps` must be >= 0, got {steps!r}.")
         if not isinstance(random_start, bool):
@@ -307,7 +276,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
                     "mode='single' attacks one exit: pass `exit_index` (e.g. -1 for the "
                     "final exit), got None."
                 )
-            index = _int(exit_index, "exit_index")
+            index = as_int(exit_index, "exit_index")
         elif exit_index is not None:
             raise ValueError(
                 f"`exit_index` is only used by mode='single', got exit_index={exit_index!r} "
@@ -329,7 +298,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
             weights = tuple(float(v) for v in w.tolist())
         chunk: int | None = None
         if max_batch is not None:
-            chunk = _int(max_batch, "max_batch")
+            chunk = as_int(max_batch, "max_batch")
             if chunk < 1:
                 raise ValueError(
                     f"`max_batch` (candidate copies of the batch processed at once) must be "
@@ -400,26 +369,26 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
     @torch.no_grad()
     def get_output_with_eval_nograd(self, inputs: Tensor) -> Tensor:
         """Final-exit logits in eval mode without gradients; every module's mode restored."""
-        with _preserved_modes(self._exit_model):
+        with preserved_modes(self._exit_model):
             self.model.eval()
             logits: Tensor = self.get_logits(inputs)
         return logits
 
     def save(self, *args: Any, **kwargs: Any) -> Any:
         """torchattacks' ``save`` (accuracy read at the final exit), modes restored."""
-        with _preserved_modes(self._exit_model):
+        with preserved_modes(self._exit_model):
             return super().save(*args, **kwargs)
 
     def __call__(self, inputs: Tensor, labels: Tensor | None = None) -> Tensor:
         """Adversarial images for ``inputs`` (in [0, 1], or normalised, see the class)."""
-        with _preserved_modes(self._exit_model):
+        with preserved_modes(self._exit_model):
             self._change_model_mode(self._exit_model.training)
             if self._normalization_applied is not True:
                 adv: Tensor = self.forward(inputs, labels)
                 return adv
-            self._check_image_kind(inputs)
+            check_image_kind(inputs)
             images = self.inverse_normalize(inputs).to(inputs.dtype)
-            self._check_range(images, _RANGE_TOLERANCE, normalised=True)
+            check_image_range(images, RANGE_TOLERANCE, normalised=True)
             images = images.clamp(0, 1)
             self._set_normalization_applied(False)
             try:
@@ -431,8 +400,8 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
 
     def forward(self, images: Tensor, labels: Tensor | None) -> Tensor:
         """Run the attack on images in [0, 1]; see the class docstring."""
-        self._check_image_kind(images)
-        self._check_range(images, 0.0, normalised=False)
+        check_image_kind(images)
+        check_image_range(images, 0.0, normalised=False)
         if labels is None:
             raise TypeError(
                 "MultiExitPGD needs the labels: call atk(images, labels) with labels (B,) "
@@ -457,40 +426,6 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         return adv.detach().to(device=images.device, dtype=images.dtype)
 
     # ------------------------------------------------------------------ internals
-
-    @staticmethod
-    def _check_image_kind(images: Any) -> None:
-        if not isinstance(images, Tensor):
-            raise TypeError(f"`images` must be a Tensor (B, ...), got {type(images).__name__}.")
-        if not images.is_floating_point():
-            raise TypeError(
-                f"`images` must be floating point in [0, 1], got dtype {images.dtype}. "
-                "Convert 8-bit images with `images.float() / 255`."
-            )
-        if images.dim() < 2:
-            raise ValueError(
-                f"`images` must be a batch (B, ...) with at least 2 dimensions, "
-                f"got shape {tuple(images.shape)}."
-            )
-
-    @staticmethod
-    def _check_range(images: Tensor, tolerance: float, *, normalised: bool) -> None:
-        if images.numel() == 0:
-            return
-        low, high = (float(v) for v in torch.aminmax(images.detach()))
-        if low >= -tolerance and high <= 1 + tolerance:
-            return
-        if normalised:
-            raise ValueError(
-                f"`images` must be normalised with the mean and std given to "
-                f"set_normalization_used, i.e. lie in [0, 1] once un-normalised; got values "
-                f"in [{low:.6g}, {high:.6g}] after un-normalising."
-            )
-        raise ValueError(
-            f"`images` must lie in [0, 1], got values in [{low:.6g}, {high:.6g}]. Scale "
-            "them to [0, 1]; if the model expects normalised inputs, pass [0, 1] images to a "
-            "model that normalises, or use set_normalization_used(mean, std)."
-        )
 
     def _device(self, images: Tensor) -> torch.device:
         model = self._exit_model
