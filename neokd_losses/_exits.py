@@ -21,6 +21,7 @@ __all__ = [
     "ExitWeights",
     "Reduction",
     "as_exit_weights",
+    "check_coefficient",
     "check_exit_index",
     "check_reduction",
     "check_same_exits",
@@ -205,6 +206,22 @@ def check_temperature(temperature: float) -> float:
     if not t > 0 or t == float("inf"):
         raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
     return t
+
+
+def check_coefficient(name: str, value: float, *, at_most_one: bool = False) -> float:
+    """``value`` as a float >= 0 (and <= 1 with ``at_most_one``), finite; TypeError for
+    non-numbers."""
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a real number, got bool {value!r}.")
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}.") from err
+    high = 1.0 if at_most_one else float("inf")
+    if not (v >= 0 and (v <= high if at_most_one else v < high)):
+        expected = "a number in [0, 1]" if at_most_one else "a finite number >= 0"
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+    return v
 
 
 def check_reduction(reduction: str) -> Reduction:

@@ -23,6 +23,7 @@ from .._exits import (
     ExitWeights,
     Reduction,
     as_exit_weights,
+    check_coefficient,
     check_reduction,
     check_same_exits,
     check_targets,
@@ -40,20 +41,6 @@ __all__ = [
     "skd_loss",
     "triple_wins_loss",
 ]
-
-
-def _check_coefficient(name: str, value: float, *, at_most_one: bool = False) -> float:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a real number, got bool {value!r}.")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}.") from err
-    high = 1.0 if at_most_one else float("inf")
-    if not (v >= 0 and (v <= high if at_most_one else v < high)):
-        expected = "a number in [0, 1]" if at_most_one else "a finite number >= 0"
-        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
-    return v
 
 
 def _stack_pair(
@@ -149,8 +136,8 @@ def triple_wins_loss(
         >>> triple_wins_loss(adv, clean, targets, reduction="none").shape
         torch.Size([3, 4])
     """
-    wc = _check_coefficient("clean_weight", clean_weight)
-    wa = _check_coefficient("adv_weight", adv_weight)
+    wc = check_coefficient("clean_weight", clean_weight)
+    wa = check_coefficient("adv_weight", adv_weight)
     check_reduction(reduction)
     adv, clean = _stack_pair(adv_logits, clean_logits, targets)
     gamma = _gamma(exit_weights, adv)
@@ -230,10 +217,10 @@ def skd_loss(
         >>> skd_loss(adv, clean, targets, reduction="none").shape
         torch.Size([3, 4])
     """
-    a = _check_coefficient("alpha", alpha)
+    a = check_coefficient("alpha", alpha)
     t = check_temperature(temperature)
-    wc = _check_coefficient("clean_weight", clean_weight)
-    wa = _check_coefficient("adv_weight", adv_weight)
+    wc = check_coefficient("clean_weight", clean_weight)
+    wa = check_coefficient("adv_weight", adv_weight)
     check_reduction(reduction)
     adv, clean = _stack_pair(adv_logits, clean_logits, targets)
     gamma = _gamma(exit_weights, adv)
@@ -314,7 +301,7 @@ def ard_loss(
         >>> ard_loss(adv, clean, targets, reduction="none").shape
         torch.Size([3, 4])
     """
-    a = _check_coefficient("alpha", alpha, at_most_one=True)
+    a = check_coefficient("alpha", alpha, at_most_one=True)
     t = check_temperature(temperature)
     check_reduction(reduction)
     adv, clean = _stack_pair(adv_logits, clean_logits, targets)
@@ -363,8 +350,8 @@ class TripleWinsLoss(nn.Module):
         reduction: Reduction = "mean",
     ) -> None:
         super().__init__()
-        self.clean_weight = _check_coefficient("clean_weight", clean_weight)
-        self.adv_weight = _check_coefficient("adv_weight", adv_weight)
+        self.clean_weight = check_coefficient("clean_weight", clean_weight)
+        self.adv_weight = check_coefficient("adv_weight", adv_weight)
         self.reduction: Reduction = check_reduction(reduction)
         self.register_buffer("exit_weights", as_exit_weights(exit_weights))
 
@@ -424,10 +411,10 @@ class SKDLoss(nn.Module):
         detach_teacher: bool = True,
     ) -> None:
         super().__init__()
-        self.alpha = _check_coefficient("alpha", alpha)
+        self.alpha = check_coefficient("alpha", alpha)
         self.temperature = check_temperature(temperature)
-        self.clean_weight = _check_coefficient("clean_weight", clean_weight)
-        self.adv_weight = _check_coefficient("adv_weight", adv_weight)
+        self.clean_weight = check_coefficient("clean_weight", clean_weight)
+        self.adv_weight = check_coefficient("adv_weight", adv_weight)
         self.reduction: Reduction = check_reduction(reduction)
         self.detach_teacher = detach_teacher
         self.register_buffer("exit_weights", as_exit_weights(exit_weights))
@@ -488,7 +475,7 @@ class ARDLoss(nn.Module):
         detach_teacher: bool = True,
     ) -> None:
         super().__init__()
-        self.alpha = _check_coefficient("alpha", alpha, at_most_one=True)
+        self.alpha = check_coefficient("alpha", alpha, at_most_one=True)
         self.temperature = check_temperature(temperature)
         self.reduction: Reduction = check_reduction(reduction)
         self.detach_teacher = detach_teacher

@@ -19,6 +19,7 @@ from .._exits import (
     ExitWeights,
     Reduction,
     as_exit_weights,
+    check_coefficient,
     check_reduction,
     check_targets,
     check_temperature,
@@ -28,18 +29,6 @@ from .._exits import (
 from ._soft import soft_cross_entropy
 
 __all__ = ["BSSDistillationLoss", "bss_kd_loss", "bss_weight_schedule"]
-
-
-def _check_coefficient(name: str, value: float) -> float:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a real number, got bool {value!r}.")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}.") from err
-    if not (v >= 0 and v != float("inf")):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-    return v
 
 
 def _teacher(logits: Tensor, name: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
@@ -211,10 +200,10 @@ def bss_kd_loss(
         >>> bss_kd_loss(student, teacher, targets, reduction="none").shape
         torch.Size([3, 4])
     """
-    a = _check_coefficient("alpha", alpha)
-    b = _check_coefficient("beta", beta)
+    a = check_coefficient("alpha", alpha)
+    b = check_coefficient("beta", beta)
     t = check_temperature(temperature)
-    w_ce = _check_coefficient("ce_weight", ce_weight)
+    w_ce = check_coefficient("ce_weight", ce_weight)
     check_reduction(reduction)
     student = stack_exits(student_logits, "student_logits")
     num_exits, batch, num_classes = student.shape
@@ -328,7 +317,7 @@ def bss_weight_schedule(
         ("beta_start", beta_start),
         ("beta_end", beta_end),
     ):
-        _check_coefficient(name, value)
+        check_coefficient(name, value)
     alpha = alpha_end + (alpha_start - alpha_end) * (1.0 - e / n)
     beta = beta_end + (beta_start - beta_end) * max(0.0, 1.0 - e / (s * n))
     return float(alpha), float(beta)
@@ -387,10 +376,10 @@ class BSSDistillationLoss(nn.Module):
         detach_teacher: bool = True,
     ) -> None:
         super().__init__()
-        self.alpha = _check_coefficient("alpha", alpha)
-        self.beta = _check_coefficient("beta", beta)
+        self.alpha = check_coefficient("alpha", alpha)
+        self.beta = check_coefficient("beta", beta)
         self.temperature = check_temperature(temperature)
-        self.ce_weight = _check_coefficient("ce_weight", ce_weight)
+        self.ce_weight = check_coefficient("ce_weight", ce_weight)
         self.reduction: Reduction = check_reduction(reduction)
         self.detach_teacher = detach_teacher
         self.register_buffer("exit_weights", as_exit_weights(exit_weights))

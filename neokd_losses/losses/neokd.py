@@ -16,6 +16,7 @@ from .._exits import (
     ExitWeights,
     Reduction,
     as_exit_weights,
+    check_coefficient,
     check_reduction,
     check_same_exits,
     check_targets,
@@ -57,13 +58,6 @@ class NEOKDTerms(NamedTuple):
     adv_ce: Tensor
     nkd: Tensor
     eokd: Tensor
-
-
-def _check_coefficient(name: str, value: float) -> float:
-    v = float(value)
-    if not (v >= 0 and v != float("inf")):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-    return v
 
 
 @overload
@@ -171,8 +165,8 @@ def neokd_loss(
         >>> sorted(terms._fields)
         ['adv_ce', 'clean_ce', 'eokd', 'nkd', 'total']
     """
-    a = _check_coefficient("alpha", alpha)
-    b = _check_coefficient("beta", beta)
+    a = check_coefficient("alpha", alpha)
+    b = check_coefficient("beta", beta)
     t = check_temperature(temperature)
     check_reduction(reduction)
     adv = stack_exits(adv_logits, "adv_logits")
@@ -252,8 +246,8 @@ class NEOKDLoss(nn.Module):
         detach_teacher: bool = True,
     ) -> None:
         super().__init__()
-        self.alpha = _check_coefficient("alpha", alpha)
-        self.beta = _check_coefficient("beta", beta)
+        self.alpha = check_coefficient("alpha", alpha)
+        self.beta = check_coefficient("beta", beta)
         self.temperature = check_temperature(temperature)
         self.reduction: Reduction = check_reduction(reduction)
         self.generator = generator
