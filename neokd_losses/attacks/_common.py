@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 import operator
@@ -91,3 +92,19 @@ def check_image_range(images: Tensor, tolerance: float, *, normalised: bool) -> 
         "them to [0, 1]; if the model expects normalised inputs, pass [0, 1] images to a "
         "model that normalises, or use set_normalization_used(mean, std)."
     )
+
+
+def check_generator(generator: Any) -> None:
+    """TypeError unless ``generator`` is a ``torch.Generator`` or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
+        )
+
+
+def module_device(module: nn.Module, fallback: Tensor) -> torch.device:
+    """The device of ``module``'s first parameter or buffer; ``fallback``'s without any."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        found: torch.device = tensor.device
+        return found
+    return fallback.device

@@ -12,7 +12,6 @@ tensor (B, K); for one exit of a multi-exit network wrap it in
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, TypeVar, get_args
 
@@ -26,8 +25,10 @@ from neokd_losses.attacks._common import (
     RANGE_TOLERANCE,
     as_int,
     as_real,
+    check_generator,
     check_image_kind,
     check_image_range,
+    module_device,
     preserved_modes,
     upcast,
 )
@@ -200,10 +201,7 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
             )
         if not isinstance(clip, bool):
             raise TypeError(f"`clip` must be a bool, got {type(clip).__name__}.")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
-            )
+        check_generator(generator)
         super().__init__("BoundarySupportingAttack", model)
         self.eta = eta_
         self.max_steps = steps
@@ -299,12 +297,6 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
                 self._set_normalization_applied(True)
             return renormalise(result)
 
-    def _device(self, images: Tensor) -> torch.device:
-        for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
-            found: torch.device = tensor.device
-            return found
-        return images.device
-
     def _targets(
         self, logits: Tensor, base: Tensor, num_targets: int, sampling: str
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -342,7 +334,7 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
                 "class indices (B,)."
             )
         batch = images.shape[0]
-        device = self._device(images)
+        device = module_device(self.model, images)
         with torch.inference_mode(False), torch.enable_grad():
             x0 = images.detach().to(device).clone()
             with torch.no_grad():

@@ -8,7 +8,6 @@ returns a sequence of E logits tensors (B, K); every loss below is computed from
 
 from __future__ import annotations
 
-import itertools
 import sys
 import warnings
 import weakref
@@ -32,8 +31,10 @@ from neokd_losses.attacks._common import (
     RANGE_TOLERANCE,
     as_int,
     as_real,
+    check_generator,
     check_image_kind,
     check_image_range,
+    module_device,
     preserved_modes,
     upcast,
 )
@@ -304,10 +305,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
                     f"`max_batch` (candidate copies of the batch processed at once) must be "
                     f">= 1 or None, got {max_batch!r}."
                 )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(
-                f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
-            )
+        check_generator(generator)
 
         super().__init__("MultiExitPGD", model)
         self.eps = eps_
@@ -409,7 +407,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
             )
         batch = images.shape[0]
         check_targets(labels, batch, sys.maxsize, name="labels")
-        device = self._device(images)
+        device = module_device(self._exit_model, images)
         with torch.inference_mode(False), torch.enable_grad():
             x0 = images.detach().to(device).clone()
             y = labels.detach().to(device).clone()
@@ -426,12 +424,6 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         return adv.detach().to(device=images.device, dtype=images.dtype)
 
     # ------------------------------------------------------------------ internals
-
-    def _device(self, images: Tensor) -> torch.device:
-        model = self._exit_model
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            return tensor.device
-        return images.device
 
     def _weights(self, num_exits: int, like: Tensor) -> Tensor:
         """Normalised exit weights (E,) summing to 1, in ``like``'s dtype and device."""
