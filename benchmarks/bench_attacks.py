@@ -10,12 +10,17 @@ The 3-exit SmallCNN (MNIST, 1×28×28, 836,846 parameters), B = 128, 10 PGD step
     single-exit attacks would): time ratio, target <= 1.0 on CPU, and the peak memory of both
     (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak rise of the resident set
     size, sampled every 0.5 ms, of a fresh process running that one attack).
+    Also printed: the ratio of their matmul/convolution FLOPs (forward and backward,
+    counted with the formulas of ``torch.utils.flop_counter``), the arithmetic each
+    path does whatever the hardware, and the time ratio at the small batch sizes of
+    ``--small-batches``, where per-operator overhead rather than arithmetic dominates.
 (c) ``mode="average"`` vs a naive PGD loop that sums the per-exit cross-entropies in
     Python: time ratio, target <= 1.05.
 
 Times are the fastest of ``--repeats`` runs after a warm-up, the attacks taking turns.
 
     python benchmarks/bench_attacks.py [--device cuda] [--repeats 5] [--batch 128]
+        [--small-batches 1,4,16]
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchattacks
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from neokd_losses.attacks import ExitView, MultiExitPGD
 
@@ -155,6 +163,59 @@ def timed_all(
     return best
 
 
+class _FlopCount(TorchDispatchMode):
+    """Sum the FLOPs of every operator ``torch.utils.flop_counter`` has a formula for.
+
+    ``FlopCounterMode`` itself cannot be used: its module tracker refuses
+    ``torch.autograd.grad`` w.r.t. a leaf input, which is what every attack computes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Matmul/convolution FLOPs (forward and backward) of one call of ``fn``."""
+    with _FlopCount() as counter:
+        fn()
+    return counter.total
+
+
+def small_batch_ratios(
+    model: nn.Module, sizes: list[int], repeats: int, device: torch.device
+) -> dict[int, float]:
+    """Time ratio batched / one candidate at a time of max-average at each batch size."""
+    ratios = {}
+    for size in sizes:
+        images, labels = data(size, device)
+        atks = attacks(model, STEPS)
+        pair = {n: atks[n] for n in ("max_average_batched", "max_average_one_at_a_time")}
+        for atk in pair.values():
+            atk(images, labels)
+        times = timed_all(
+            {n: (lambda atk=atk, x=images, y=labels: atk(x, y)) for n, atk in pair.items()},
+            repeats,
+            device,
+        )
+        ratios[size] = times["max_average_batched"] / times["max_average_one_at_a_time"]
+    return ratios
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -215,6 +276,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--small-batches",
+        default="1,4,16",
+        help="comma-separated batch sizes for the small-batch (b) ratios ('' for none)",
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
@@ -247,6 +313,12 @@ def main() -> None:
     ratio_c = times["average"] / times["naive_average"]
     mem_batched = peak_memory_mib("max_average_batched", args.batch, device)
     mem_single = peak_memory_mib("max_average_one_at_a_time", args.batch, device)
+    flops = {
+        name: count_flops(lambda name=name: atks[name](images, labels))
+        for name in ("max_average_batched", "max_average_one_at_a_time")
+    }
+    sizes = [int(v) for v in args.small_batches.split(",") if v.strip()]
+    small = small_batch_ratios(model, sizes, args.repeats, device)
     print(f"(a) single(exit -1) / torchattacks.PGD(ExitView):  {ratio_a:.3f}  (target <= 1.05)")
     print(
         f"(b) max-average batched / one candidate at a time: {ratio_b:.3f}  (target <= 1.0 on CPU)"
@@ -255,6 +327,14 @@ def main() -> None:
         f"    peak memory: batched {mem_batched:.1f} MiB, one at a time {mem_single:.1f} MiB "
         f"(ratio {mem_batched / max(mem_single, 1e-9):.2f})"
     )
+    print(
+        f"    matmul/conv FLOPs: batched {flops['max_average_batched'] / 1e9:.1f} G, one at a "
+        f"time {flops['max_average_one_at_a_time'] / 1e9:.1f} G (ratio "
+        f"{flops['max_average_batched'] / flops['max_average_one_at_a_time']:.3f}: batched "
+        "rows back-propagate through every layer, a lone candidate only to its exit)"
+    )
+    for size, ratio in small.items():
+        print(f"    time ratio at B = {size}: {ratio:.3f}")
     print(f"(c) average / naive per-exit loop:               {ratio_c:.3f}  (target <= 1.05)")
 
 

@@ -137,9 +137,11 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
       (the batch repeated E times, candidate i attacking exit i), which needs E times
       the activation memory of one attack; ``max_batch`` caps how many candidate copies
       run at once. With ``max_batch=1`` each candidate's backward pass also stops at the
-      exit it attacks, so on a CPU, where batching gains little, it is the faster choice
-      too (``benchmarks/bench_attacks.py``). All settings give the same candidates for
-      the same random start, up to float round-off.
+      exit it attacks (in a batch every row goes back through every layer), so it does
+      less arithmetic: it is the faster choice where arithmetic dominates, as on a CPU
+      at batch sizes above about 16, while batching wins where per-operator overhead
+      does (small batches, GPUs; ``benchmarks/bench_attacks.py``). All settings give the
+      same candidates for the same random start, up to float round-off.
 
     Paper settings (NEO-KD, Ham et al., NeurIPS 2023, following Triple Wins): training uses
     max-average with 7 steps, testing 50 steps of max-average and of average; ε = 0.3,
