@@ -201,8 +201,17 @@ def as_exit_weights(
 
 
 def check_temperature(temperature: float) -> float:
-    """Return ``temperature`` as a float, or raise a ValueError unless it is finite and > 0."""
-    t = float(temperature)
+    """Return ``temperature`` as a float, or raise a ValueError unless it is finite and > 0
+    (a TypeError for a bool or a non-number)."""
+    if isinstance(temperature, bool):
+        raise TypeError(f"`temperature` must be a real number > 0, got bool {temperature!r}.")
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"`temperature` must be a real number > 0, got {type(temperature).__name__} "
+            f"{temperature!r}."
+        ) from err
     if not t > 0 or t == float("inf"):
         raise ValueError(f"`temperature` must be a finite number > 0, got {temperature!r}.")
     return t

@@ -162,11 +162,15 @@ def activation_boundary_loss(
                 f"shape {tuple(s.shape)}."
             )
         if s.shape != t.shape:
+            hint = ""
+            if t.dim() == s.dim() and s.shape[0] == t.shape[0] and s.shape[2:] == t.shape[2:]:
+                hint = (
+                    f" Map the student's {s.shape[1]} channels to the teacher's {t.shape[1]} "
+                    "with ab_connector(student_channels, teacher_channels)."
+                )
             raise ValueError(
                 f"`student_features{where}` and `teacher_features{where}` must have the same "
-                f"shape, got {tuple(s.shape)} and {tuple(t.shape)}. Map the student's "
-                f"{s.shape[1]} channels to the teacher's {t.shape[1]} with "
-                "ab_connector(student_channels, teacher_channels)."
+                f"shape, got {tuple(s.shape)} and {tuple(t.shape)}.{hint}"
             )
         if s.shape[0] != students[0].shape[0]:
             raise ValueError(

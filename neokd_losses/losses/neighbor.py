@@ -67,8 +67,14 @@ def _neighbor_kd_terms(
     temperature T, (E, B, K), and the stacked clean logits."""
     teacher_logits = clean.detach() if detach_teacher else clean
     probs = F.softmax(teacher_logits / temperature, dim=-1)
-    mix = neighbor_weights(probs.shape[0]).to(device=probs.device, dtype=probs.dtype)
-    teacher = torch.einsum("ij,jbk->ibk", mix, probs)
+    # The rows of neighbor_weights, as shifted sums: p_{i-1} + p_i + p_{i+1} with zero
+    # padding beyond the first and last exit, divided by the number of neighbours. Plain
+    # additions, not a matmul (einsum), so autocast cannot run the mix in bf16/fp16.
+    num_exits = probs.shape[0]
+    padded = F.pad(probs, (0, 0, 0, 0, 1, 1))
+    summed = padded[:-2] + padded[1:-1] + padded[2:]
+    counts = [1.0] if num_exits == 1 else [2.0] + [3.0] * (num_exits - 2) + [2.0]
+    teacher = summed / torch.tensor(counts, device=probs.device, dtype=probs.dtype)[:, None, None]
     return -(teacher * student_log_probs).sum(-1) * temperature**2
 
 

@@ -111,8 +111,10 @@ def _argsort_rows(scores: Tensor) -> Tensor:
 
     On the CPU, torch's row-wise argsort of short rows costs about 4 µs a row, which made
     the mask draw a fifth of the whole NEO-KD loss (benchmarks/bench_losses.py); NumPy's
-    vectorised sort is about 5x faster there. Keys are continuous uniforms, so ties have
-    probability ~0 and both paths give the same permutation. CUDA tensors and traced code
+    vectorised sort is about 5x faster there. Both sorts give the same permutation unless a
+    row holds two equal keys; with float32 uniforms that happens to about K²/2²⁵ of the
+    rows (0.03 % at K = 100, 3 % at K = 1000), and the two may then order the tied classes
+    differently. Either order is a valid draw. CUDA tensors and traced code
     (torch.compile) use torch.argsort.
     """
     if scores.device.type == "cpu" and not _is_compiling():

@@ -205,6 +205,12 @@ def test_input_errors() -> None:
         ValueError, match=r"same shape, got \(2, 3, 4, 4\) and \(2, 5, 4, 4\).*ab_connector"
     ):
         activation_boundary_loss(s, torch.randn(2, 5, 4, 4))
+    # A teacher without the student's layout: the message names both shapes (it used to
+    # raise an IndexError while building the connector hint) and offers no connector.
+    with pytest.raises(ValueError, match=r"same shape, got \(2, 3\) and \(6,\)\.$"):
+        activation_boundary_loss(torch.randn(2, 3), torch.randn(6))
+    with pytest.raises(ValueError, match=r"got \(2, 3, 4, 4\) and \(2, 3, 2, 2\)\.$"):
+        activation_boundary_loss(s, torch.randn(2, 3, 2, 2))
     with pytest.raises(ValueError, match="both be tensors or both be sequences"):
         activation_boundary_loss([s], t)
     with pytest.raises(ValueError, match="same length, got 2 student and 1 teacher"):

@@ -160,3 +160,15 @@ def test_constructor_validation(
 def test_exit_weights_wrong_kind() -> None:
     with pytest.raises(TypeError, match="sequence of E numbers"):
         NEOKDLoss(exit_weights="1,1,1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=IDS)
+@pytest.mark.parametrize(
+    ("temperature", "match"),
+    [("hot", "real number > 0, got str 'hot'"), (None, "got NoneType"), (True, "got bool")],
+)
+def test_temperature_wrong_kind(
+    loss: Callable[..., torch.Tensor], exits: list[torch.Tensor], temperature: Any, match: str
+) -> None:
+    with pytest.raises(TypeError, match=match):
+        loss(exits, exits, TARGETS, temperature=temperature)

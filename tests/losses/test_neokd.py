@@ -170,6 +170,13 @@ def test_under_autocast() -> None:
         assert outs[0].dtype == torch.bfloat16
         loss = neokd_loss(outs, outs, targets)
     assert loss.dtype == torch.float32
+    # Autocast must not push any part of the loss back to bf16: the value equals the one
+    # computed outside autocast from the same (bf16) logits, to float32 accuracy.
+    mask = orthogonal_label_mask(targets, 2, 9, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = neokd_loss(outs, outs, targets, mask=mask, temperature=2.0)
+    outside = neokd_loss(outs, outs, targets, mask=mask, temperature=2.0)
+    torch.testing.assert_close(inside, outside)
     loss.backward()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
 

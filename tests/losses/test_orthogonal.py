@@ -122,12 +122,28 @@ def test_full_mask_is_plain_self_distillation() -> None:
 
 
 def test_stable_at_extreme_logits() -> None:
-    # The clean prediction puts all mass on a class the exit drops: the teacher must stay finite.
+    # The clean prediction puts all mass on a class the exit drops: the teacher must stay
+    # finite. Restricted to classes {0, 2} (logits -100, -100) it is [1/2, 0, 1/2, 0]; the
+    # student's log-probabilities there are ~0 and ~-100, so EOKD = 1/2 * 0 + 1/2 * 100.
     clean = [torch.tensor([[-100.0, 100.0, -100.0, -100.0]])]
-    adv = [torch.tensor([[100.0, -100.0, 0.0, 0.0]])]
+    adv = [torch.tensor([[100.0, -100.0, 0.0, 0.0]], requires_grad=True)]
     mask = torch.tensor([[[True, False, True, False]]])
     loss = exitwise_orthogonal_kd(adv, clean, torch.tensor([0]), mask=mask, reduction="none")
-    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss, torch.tensor([[50.0]]))
+    loss.sum().backward()
+    assert adv[0].grad is not None and torch.isfinite(adv[0].grad).all()
+
+
+def test_teacher_detached_by_default() -> None:
+    adv = random_exits(3, 4, 10, requires_grad=True)
+    clean = random_exits(3, 4, 10, requires_grad=True)
+    targets = torch.randint(0, 10, (4,))
+    mask = orthogonal_label_mask(targets, 3, 10, generator=torch.Generator().manual_seed(0))
+    exitwise_orthogonal_kd(adv, clean, targets, mask=mask).backward()
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in adv)
+    assert all(z.grad is None for z in clean)
+    exitwise_orthogonal_kd(adv, clean, targets, mask=mask, detach_teacher=False).backward()
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in clean)
 
 
 def test_gradcheck() -> None:
