@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import Tensor
 
-__all__ = ["check_image_input", "check_positive_int"]
+__all__ = ["check_image_input", "check_positive_int", "check_real"]
 
 
 def check_positive_int(value: object, name: str) -> int:
@@ -14,6 +17,16 @@ def check_positive_int(value: object, name: str) -> int:
     if value < 1:
         raise ValueError(f"`{name}` must be >= 1, got {value}.")
     return value
+
+
+def check_real(value: object, name: str) -> float:
+    """Return ``value`` as a finite float; TypeError for non-numbers (bools and strings too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}.")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    return result
 
 
 def check_image_input(x: object, channels: int, size: tuple[int, int], model: str) -> None:

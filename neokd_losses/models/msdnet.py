@@ -22,7 +22,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from neokd_losses.models._checks import check_image_input, check_positive_int
+from neokd_losses.models._checks import check_image_input, check_positive_int, check_real
 
 __all__ = [
     "MSDNet",
@@ -235,7 +235,8 @@ class MSDNet(nn.Module):
             ``"imagenet"``. The heads need the coarsest scale to pool down to 1×1.
 
     Raises:
-        TypeError: if an integer argument or a factor list has the wrong type.
+        TypeError: if an integer argument, a factor list, ``reduction`` or ``image_size``
+            has the wrong type.
         ValueError: if a value is out of range, ``gr_factor`` and ``bn_factor`` differ
             in length, ``growth_rate·gr_factor[s]`` is odd for a scale s ≥ 1 (its new
             channels are split in halves), or ``image_size`` does not reach 1×1 in the
@@ -288,7 +289,7 @@ class MSDNet(nn.Module):
             raise ValueError(f"`stem` must be 'cifar' or 'imagenet', got {stem!r}.")
         if step_mode not in get_args(StepMode):
             raise ValueError(f"`step_mode` must be 'even' or 'lin_grow', got {step_mode!r}.")
-        if not 0.0 <= float(reduction) <= 1.0:
+        if not 0.0 <= check_real(reduction, "reduction") <= 1.0:
             raise ValueError(
                 f"`reduction` must lie in [0, 1] (0 disables transitions), got {reduction!r}."
             )
@@ -334,7 +335,15 @@ class MSDNet(nn.Module):
     ) -> tuple[int, int]:
         if image_size is None:
             image_size = _DEFAULT_IMAGE_SIZE[stem]
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if isinstance(image_size, int):
+            size: tuple[object, ...] = (image_size, image_size)
+        elif isinstance(image_size, Sequence) and not isinstance(image_size, str | bytes):
+            size = tuple(image_size)
+        else:
+            raise TypeError(
+                f"`image_size` must be an int or a pair of ints (H, W), got "
+                f"{type(image_size).__name__} {image_size!r}."
+            )
         if len(size) != 2:
             raise ValueError(f"`image_size` must be an int or (H, W), got {image_size!r}.")
         height, width = (check_positive_int(v, "image_size") for v in size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from neokd_losses.models._checks import check_image_input, check_positive_int
+from neokd_losses.models._checks import check_image_input, check_positive_int, check_real
 
 __all__ = ["SmallCNN"]
 
@@ -55,7 +55,8 @@ class SmallCNN(nn.Module):
         dropout: drop probability of the dropout layers (0.5 in the paper).
 
     Raises:
-        TypeError: if ``num_classes`` or ``in_channels`` is not an int.
+        TypeError: if ``num_classes`` or ``in_channels`` is not an int, or ``dropout`` is
+            not a real number.
         ValueError: if ``num_classes`` or ``in_channels`` is < 1, or ``dropout`` is not in
             [0, 1); at call time, if the input is not (B, C, 28, 28).
 
@@ -76,7 +77,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.in_channels = check_positive_int(in_channels, "in_channels")
-        if not 0.0 <= float(dropout) < 1.0:
+        if not 0.0 <= check_real(dropout, "dropout") < 1.0:
             raise ValueError(f"`dropout` must lie in [0, 1), got {dropout!r}.")
         self.block1 = nn.Sequential(nn.Conv2d(in_channels, 32, 3), nn.ReLU())
         self.block2 = nn.Sequential(

@@ -259,6 +259,25 @@ def test_model_mode_restored_even_after_an_error() -> None:
     assert all(m.training for m in model.modules())
 
 
+@pytest.mark.parametrize("model_training", [False, True])
+def test_model_mode_during_the_walk_follows_set_model_training_mode(model_training) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 3)).train()
+    seen: list[tuple[bool, bool]] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, m[1].training)))
+    atk = BoundarySupportingAttack(model, max_steps=3)
+    atk.set_model_training_mode(model_training=model_training, dropout_training=True)
+    x = torch.rand(6, 3)
+    with torch.no_grad():
+        labels = model.eval()(x).argmax(1)
+    model.train()
+    seen.clear()
+    atk.generate(x, labels)
+    atk(x, labels)
+    assert len(seen) >= 4  # the clean pass and at least one walk step, per call
+    assert set(seen) == {(model_training, model_training)}
+    assert all(m.training for m in model.modules())
+
+
 def test_normalisation_matches_a_model_that_normalises() -> None:
     mean, std = [0.3, 0.5], [0.2, 0.4]
     linear = _linear([[1.0, -1.0], [-0.5, 1.0], [0.2, 0.1]], [0.0, 0.1, -0.1])

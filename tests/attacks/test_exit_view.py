@@ -112,3 +112,71 @@ def test_stock_torchattacks_attacks_target_one_exit(model):
         assert ce(model(adv)[1], y) > ce(model(x)[1], y)
     adv = torchattacks.APGD(view, eps=0.1, steps=3, n_restarts=1)(x, y)
     assert (adv - x).abs().max() <= 0.1 + 1e-6
+
+
+class _LinearExits(nn.Module):
+    """Exits z_i = A_i x + c_i on flattened inputs: every input gradient has a closed form."""
+
+    def __init__(self, in_features: int, num_classes: int, num_exits: int) -> None:
+        super().__init__()
+        self.exits = nn.ModuleList(
+            nn.Linear(in_features, num_classes, dtype=torch.float64) for _ in range(num_exits)
+        )
+
+    def forward(self, x):
+        return [layer(x.flatten(1)) for layer in self.exits]
+
+
+@pytest.mark.parametrize("index", [0, 1, -1])
+def test_fgsm_through_the_view_is_the_closed_form_step_on_that_exit(index):
+    model = _LinearExits(in_features=4, num_classes=3, num_exits=3).eval()
+    x = torch.rand(8, 1, 2, 2, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    eps = 0.05
+    adv = torchattacks.FGSM(ExitView(model, index), eps=eps)(x, y)
+
+    def closed_form(exit_layer):
+        # ∇ₓ CE(A x + c, y) = (softmax(z) - onehot(y)) A per sample (the batch mean only
+        # rescales it, which sign() ignores).
+        with torch.no_grad():
+            z = x.flatten(1) @ exit_layer.weight.T + exit_layer.bias
+            residual = z.softmax(1) - nn.functional.one_hot(y, 3).double()
+            grad = (residual @ exit_layer.weight).view_as(x)
+        return (x + eps * grad.sign()).clamp(0, 1)
+
+    expected = closed_form(model.exits[index])
+    torch.testing.assert_close(adv, expected, rtol=0, atol=1e-12)
+    others = [i for i in range(3) if i != index % 3]
+    assert all(not torch.allclose(closed_form(model.exits[i]), expected) for i in others)
+
+
+@pytest.mark.parametrize("name", ["APGD", "CW"])
+def test_apgd_and_cw_through_the_view_fool_that_exit(name):
+    # Both attacks return an input unchanged unless they found an adversarial example for
+    # the attacked model; so every changed row must be misclassified by the chosen exit.
+    torch.manual_seed(1)
+    model = TinyMLPExits(in_features=16, num_classes=5, num_exits=3).eval()
+    x = torch.rand(16, 1, 4, 4)
+    index = 1
+    with torch.no_grad():
+        y = model(x)[index].argmax(1)  # every input starts correctly classified at exit 1
+    view = ExitView(model, index)
+    if name == "APGD":
+        atk = torchattacks.APGD(view, eps=0.5, steps=10, n_restarts=1)
+    else:
+        atk = torchattacks.CW(view, c=10.0, steps=30, lr=0.1)
+    adv = atk(x, y)
+    changed = (adv != x).flatten(1).any(1)
+    assert int(changed.sum()) >= 4  # the attack did something on this easy model
+    with torch.no_grad():
+        assert bool((model(adv)[index].argmax(1)[changed] != y[changed]).all())
+    assert torch.equal(adv[~changed], x[~changed])
+
+
+def test_view_holds_the_model_itself_not_a_copy(model):
+    view = ExitView(model, 0)
+    assert view.model is model
+    with torch.no_grad():
+        model.heads[0].bias.add_(1.0)  # an update to the model is seen through the view
+    x = torch.rand(3, 16)
+    torch.testing.assert_close(view(x), model(x)[0], rtol=0, atol=0)

@@ -74,15 +74,65 @@ def test_cost_per_exit_matches_count_by_hand() -> None:
     assert costs == [float(exit1), float(exit2), float(exit3)]
 
 
+def _exits_by_hand(model: SmallCNN, x: torch.Tensor) -> list[torch.Tensor]:
+    """REFERENCE.md section 7 written out with torch.nn.functional (eval: no dropout)."""
+    F = nn.functional
+    t, e1, e2 = model.block3, model.exit1, model.exit2
+    h1 = F.relu(F.conv2d(x, model.block1[0].weight, model.block1[0].bias))  # exit 1 reads this
+    h = F.relu(F.conv2d(h1, model.block2[0].weight, model.block2[0].bias))
+    h2 = F.relu(F.conv2d(F.max_pool2d(h, 2), model.block2[3].weight, model.block2[3].bias))
+    h = F.max_pool2d(F.relu(F.conv2d(h2, t[0].weight, t[0].bias)), 2).flatten(1)
+    h = F.relu(F.linear(h, t[4].weight, t[4].bias))
+    h = F.relu(F.linear(h, t[7].weight, t[7].bias))
+    z3 = F.linear(h, t[9].weight, t[9].bias)
+    # exit heads: no nonlinearity between the linear layers
+    g = F.max_pool2d(F.conv2d(h1, e1[0].weight, e1[0].bias, stride=2), 2).flatten(1)
+    lin1 = e1[2]
+    z1 = F.linear(
+        F.linear(F.linear(g, lin1[1].weight, lin1[1].bias), lin1[3].weight, lin1[3].bias),
+        lin1[4].weight,
+        lin1[4].bias,
+    )
+    g = F.max_pool2d(h2, 2).flatten(1)
+    lin2 = e2[1]
+    z2 = F.linear(
+        F.linear(F.linear(g, lin2[1].weight, lin2[1].bias), lin2[3].weight, lin2[3].bias),
+        lin2[4].weight,
+        lin2[4].bias,
+    )
+    return [z1, z2, z3]
+
+
+def test_exits_sit_where_reference_md_puts_them() -> None:
+    model = SmallCNN().eval()
+    nn.init.normal_(model.block3[-1].weight, std=0.1)
+    nn.init.normal_(model.block3[-1].bias, std=0.1)
+    for module in model.modules():  # non-zero biases, so a dropped bias would show
+        if isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.bias, std=0.1)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        for got, expected in zip(model(x), _exits_by_hand(model, x), strict=True):
+            torch.testing.assert_close(got, expected)
+
+
 def test_initialisation_follows_triple_wins() -> None:
     model = SmallCNN()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 5
     for conv in convs:
         assert conv.bias is not None and torch.all(conv.bias == 0)
-    # Kaiming normal (fan-in, gain √2): std √(2 / (32·9)) for conv2's 9,216 weights.
-    std = model.block2[0].weight.std().item()
-    assert std == pytest.approx(math.sqrt(2 / (32 * 9)), rel=0.05)
+    # Kaiming normal (fan-in, gain √2): std √(2 / (C_in·9)). Checked on the convolutions
+    # with enough weights for a 5 % bound (> 6 sigma); conv3 (32→64) and the exit-1 conv
+    # (32→16) have fan-in ≠ fan-out, so a fan-out or a uniform init would fail.
+    checked = 0
+    for conv in convs:
+        if conv.weight.numel() >= 4000:
+            expected = math.sqrt(2 / (conv.in_channels * 9))
+            assert conv.weight.std().item() == pytest.approx(expected, rel=0.05), conv
+            assert abs(conv.weight.mean().item()) < 0.1 * expected
+            checked += 1
+    assert checked == 4
     last = model.block3[-1]
     assert torch.all(last.weight == 0) and torch.all(last.bias == 0)
     model.eval()
@@ -157,6 +207,8 @@ def test_integer_images_raise_type_error() -> None:
         ({"num_classes": 0}, ValueError, r"`num_classes` must be >= 1, got 0"),
         ({"in_channels": 1.0}, TypeError, r"`in_channels` must be an int, got float"),
         ({"dropout": 1.0}, ValueError, r"`dropout` must lie in \[0, 1\)"),
+        ({"dropout": "0.5"}, TypeError, r"`dropout` must be a real number, got str '0.5'"),
+        ({"dropout": None}, TypeError, r"`dropout` must be a real number, got NoneType"),
     ],
 )
 def test_bad_constructor_arguments_raise(
