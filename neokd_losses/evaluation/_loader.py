@@ -10,23 +10,25 @@ an optional dependency, so without it the loops simply run without a bar.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from neokd_losses._exits import stack_exits
+from neokd_losses._exits import check_targets, stack_exits
 
 __all__ = [
     "Attack",
     "Loader",
     "attack_name",
     "check_attack",
+    "check_labels",
     "check_model",
     "count_correct",
     "eval_mode",
+    "exit_logits",
     "forward_exits",
     "iterate_batches",
     "progress",
@@ -76,6 +78,14 @@ def progress(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]
 
 
 def _split_batch(batch: Any, index: int) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, Mapping):
+        keys = list(batch.keys())
+        raise TypeError(
+            "each batch of `loader` must be a tuple or list (images, labels, ...), got a "
+            f"{type(batch).__name__} with keys {keys} at batch {index}: which keys hold the "
+            "images and the labels is ambiguous. Yield tuples instead, e.g. "
+            "`((b['image'], b['label']) for b in loader)` or a DataLoader collate_fn."
+        )
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise TypeError(
             "each batch of `loader` must be a tuple or list (images, labels, ...), got "
@@ -164,6 +174,48 @@ def check_attack(attack: object) -> None:
         )
 
 
+def check_labels(labels: Tensor, num_classes: int) -> None:
+    """Raise unless ``labels`` are integer class indices in [0, K) (a device sync on CUDA).
+
+    Raises:
+        TypeError: if the labels are not integers (float, bool or one-hot labels).
+        ValueError: if a label lies outside [0, K).
+    """
+    check_targets(labels, labels.shape[0], num_classes, name="labels")
+
+
+def exit_logits(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    attack: Attack | None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(logits, labels)`` per batch: (E, B, K) logits of the clean or attacked inputs.
+
+    Every exit is scored on the same inputs (one attack output per batch). The labels are
+    checked against K; with an attack, K is read from a clean forward pass of one sample
+    of the first batch, so that the labels are checked before the attack uses them (on
+    CUDA an out-of-range label in its cross-entropy is a device-side assert, not a
+    readable error). Empty batches are skipped.
+
+    Raises:
+        TypeError: if the labels are not integers.
+        ValueError: if a label lies outside [0, K).
+    """
+    num_classes: int | None = None
+    for images, labels in batches:
+        if labels.shape[0] == 0:
+            continue
+        if attack is None:
+            logits = forward_exits(model, images)  # (E, B, K)
+            check_labels(labels, logits.shape[-1])
+        else:
+            if num_classes is None:
+                num_classes = forward_exits(model, images[:1]).shape[-1]
+            check_labels(labels, num_classes)
+            logits = forward_exits(model, run_attack(attack, images, labels))
+        yield logits, labels
+
+
 def count_correct(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -173,12 +225,14 @@ def count_correct(
 
     Returns:
         ``(correct, n)``: an (E,) long tensor on the batches' device and the sample count.
+
+    Raises:
+        TypeError, ValueError: as :func:`exit_logits`; ValueError if no batch holds a
+            sample.
     """
     correct: Tensor | None = None
     total = 0
-    for images, labels in batches:
-        inputs = images if attack is None else run_attack(attack, images, labels)
-        logits = forward_exits(model, inputs)  # (E, B, K)
+    for logits, labels in exit_logits(model, batches, attack):
         hits = (logits.argmax(-1) == labels).sum(-1)  # (E,)
         correct = hits if correct is None else correct + hits
         total += labels.shape[0]

@@ -167,9 +167,10 @@ def anytime_accuracy(
         their mean.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``, ``attack`` is not callable, or a
-            batch is not ``(images, labels, ...)``.
-        ValueError: if the loader is empty or the labels do not match the images.
+        TypeError: if ``model`` is not an ``nn.Module``, ``attack`` is not callable, a
+            batch is not ``(images, labels, ...)`` or the labels are not integers.
+        ValueError: if the loader yields no sample, or the labels are not (B,) for B
+            images or lie outside [0, K) (checked before the attack runs).
 
     Shape:
         - batches: images (B, ...) and labels (B,) class indices in [0, K).

@@ -40,10 +40,9 @@ from neokd_losses.evaluation._loader import (
     check_attack,
     check_model,
     eval_mode,
-    forward_exits,
+    exit_logits,
     iterate_batches,
     resolve_device,
-    run_attack,
 )
 
 __all__ = [
@@ -103,6 +102,21 @@ def _as_vector(values: Numbers, length: int, name: str, device: torch.device) ->
     if not bool(torch.isfinite(vector).all()) or bool((vector < 0).any()):
         raise ValueError(f"`{name}` must be finite and non-negative, got {vector.tolist()}.")
     return vector
+
+
+def _floor_count(value: float) -> int:
+    """⌊value⌋ for value = N · q_k, robust to the rounding of q_k.
+
+    N · q_k is often an integer in exact arithmetic (N = 18 and q = (5/6, 1/6), budget
+    point p = 4 with E = 2, give 15) but a hair below it in floating point
+    (14.999999999999998); a plain floor would then send one sample fewer to the exit than
+    ⌊N · q_k⌋ asks. A value within a relative 1e-9 of an integer counts as that integer:
+    float64 rounding errors are about 1e-16, far below that.
+    """
+    nearest = round(value)
+    if abs(value - nearest) <= 1e-9 * max(1.0, abs(value)):
+        return int(nearest)
+    return math.floor(value)
 
 
 def _confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -188,7 +202,7 @@ def fit_thresholds(val_logits: StackedLogits, proportions: Numbers) -> Tensor:
     total = float(q.sum())
     if total <= 0:
         raise ValueError(f"`proportions` must not all be zero, got {q.tolist()}.")
-    counts = [math.floor(num_samples * p) for p in (q / total).tolist()]
+    counts = [_floor_count(num_samples * p) for p in (q / total).tolist()]
     confidence, _ = _confidence(logits)  # (E, N)
     inf = torch.tensor(math.inf, dtype=confidence.dtype, device=confidence.device)
     thresholds = torch.full((num_exits,), math.inf, dtype=confidence.dtype, device=logits.device)
@@ -472,9 +486,9 @@ def collect_logits(
         ``(logits, targets)``: (E, N, K) logits and (N,) labels, on the CPU.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module``, ``attack`` is not callable or a
-            batch is not ``(images, labels, ...)``.
-        ValueError: if the loader is empty.
+        TypeError: if ``model`` is not an ``nn.Module``, ``attack`` is not callable, a
+            batch is not ``(images, labels, ...)`` or the labels are not integers.
+        ValueError: if the loader yields no sample or a label lies outside [0, K).
 
     Shape:
         - batches: images (B, ...) and labels (B,).
@@ -499,9 +513,9 @@ def collect_logits(
     chunks: list[Tensor] = []
     labels_list: list[Tensor] = []
     with eval_mode(model):
-        for images, labels in iterate_batches(loader, target, enabled=progress, desc=desc):
-            inputs = images if attack is None else run_attack(attack, images, labels)
-            chunks.append(forward_exits(model, inputs).cpu())
+        batches = iterate_batches(loader, target, enabled=progress, desc=desc)
+        for logits, labels in exit_logits(model, batches, attack):
+            chunks.append(logits.cpu())
             labels_list.append(labels.cpu())
     if not chunks:
         raise ValueError("`loader` yielded no samples; pass a loader with at least one batch.")

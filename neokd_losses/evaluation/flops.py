@@ -41,6 +41,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from neokd_losses.evaluation._loader import eval_mode
+
 __all__ = ["exit_costs"]
 
 _aten = torch.ops.aten
@@ -211,13 +213,14 @@ class _MacCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
 def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
     """Cumulative multiply-adds needed to produce each exit, for one input.
 
-    Runs ``model(example_input)`` once (in eval mode, without gradients; the model's mode
-    is restored afterwards) and counts the multiply-adds of every operator executed, as
-    listed in the module docstring. The cost of exit k is the count when exit k's logits
-    are produced, i.e. the trunk up to exit k plus every exit head computed before it,
-    which is what a sample leaving at exit k has paid in budgeted prediction. If a model
-    returns its exits in an order other than the one it computes them in, exit k is
-    charged the most expensive of exits 1..k, so the costs never decrease.
+    Runs ``model(example_input)`` once (in eval mode, without gradients; the mode of the
+    model and of every submodule is restored afterwards, also on error) and counts the
+    multiply-adds of every operator executed, as listed in the module docstring. The cost
+    of exit k is the count when exit k's logits are produced, i.e. the trunk up to exit k
+    plus every exit head computed before it, which is what a sample leaving at exit k has
+    paid in budgeted prediction. If a model returns its exits in an order other than the
+    one it computes them in, exit k is charged the most expensive of exits 1..k, so the
+    costs never decrease.
 
     The measurement assumes the model computes its exits in order, as it would when
     inputs leave early (MSDNet, SmallCNN, :func:`~neokd_losses.models.attach_exits`
@@ -276,14 +279,11 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
             "`example_input` must hold at least one sample, got shape "
             f"{tuple(example_input.shape)}."
         )
-    was_training = model.training
     counter = _MacCounter()
-    try:
-        model.eval()
-        with torch.no_grad(), counter:
-            outputs = model(example_input)
-    finally:
-        model.train(was_training)
+    # eval_mode restores every submodule's own mode (a frozen BatchNorm inside a model in
+    # train mode stays frozen); model.train(was_training) would reset them all.
+    with eval_mode(model), torch.no_grad(), counter:
+        outputs = model(example_input)
     if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence):
         raise TypeError(
             "`model` must return a list or tuple of E exit logits tensors (B, K), got "

@@ -282,7 +282,9 @@ def sanity_checks(
         )
     few, many = steps
     target = resolve_device(model, device)
-    if max_batches is not None and (isinstance(max_batches, bool) or max_batches < 1):
+    if max_batches is not None and (
+        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
+    ):
         raise ValueError(f"`max_batches` must be an int >= 1 or None, got {max_batches!r}.")
     batches = list(
         itertools.islice(iterate_batches(loader, target, enabled=False, desc=""), max_batches)

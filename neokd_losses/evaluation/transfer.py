@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from neokd_losses.attacks.pgd import MultiExitPGD, ThreatModel
 from neokd_losses.evaluation._loader import (
     Loader,
+    check_labels,
     check_model,
     eval_mode,
     forward_exits,
@@ -69,10 +70,10 @@ def transferability_matrix(
         column j = evaluated exit. :func:`off_diagonal_mean` gives the paper's summary.
 
     Raises:
-        TypeError: if ``model`` is not an ``nn.Module`` or a batch is not
-            ``(images, labels, ...)``.
-        ValueError: if the loader is empty, or an attack argument is invalid (as
-            :class:`~neokd_losses.attacks.pgd.MultiExitPGD`).
+        TypeError: if ``model`` is not an ``nn.Module``, a batch is not
+            ``(images, labels, ...)`` or the labels are not integers.
+        ValueError: if the loader yields no sample, a label lies outside [0, K), or an
+            attack argument is invalid (as :class:`~neokd_losses.attacks.pgd.MultiExitPGD`).
 
     Shape:
         - batches: images (B, ...) in [0, 1], labels (B,).
@@ -114,8 +115,10 @@ def transferability_matrix(
         for images, labels in iterate_batches(
             loader, target, enabled=progress, desc="transferability"
         ):
+            if labels.shape[0] == 0:
+                continue
             if not attacks:
-                num_exits = forward_exits(model, images[:1]).shape[0]
+                num_exits, _, num_classes = forward_exits(model, images[:1]).shape
                 attacks = [
                     MultiExitPGD(
                         model,
@@ -130,6 +133,7 @@ def transferability_matrix(
                     )
                     for i in range(num_exits)
                 ]
+            check_labels(labels, num_classes)  # before the attacks use them
             rows = []
             for attack in attacks:
                 logits = forward_exits(model, attack(images, labels))  # (E, B, K)

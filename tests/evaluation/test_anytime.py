@@ -100,6 +100,84 @@ def test_multi_exit_pgd_accuracy_equals_direct_count() -> None:
     assert result.correct[1] < 20  # the attack does something
 
 
+def test_one_attack_per_batch_scores_every_exit_and_leaks_no_gradient() -> None:
+    model = TinyMultiExit().double()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(10, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(10, (10,), generator=g)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    originals = [b[0].clone() for b in batches]
+    pgd = MultiExitPGD(model, eps=0.1, alpha=0.02, steps=3, random_start=False, mode="average")
+    outputs: list[torch.Tensor] = []
+
+    def attack(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        outputs.append(pgd(images, labels))
+        return outputs[-1]
+
+    result = anytime_accuracy(model, batches, attack, progress=False)
+    assert len(outputs) == 2  # one adversarial batch, shared by the three exits
+    expected = [0, 0, 0]
+    for adv, (_, labels) in zip(outputs, batches):
+        for i, count in enumerate(_direct_counts(model.eval(), adv, labels)):
+            expected[i] += count
+    assert result.correct == tuple(expected)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(b[0], o) for b, o in zip(batches, originals))
+
+
+def test_labels_are_checked_before_the_attack() -> None:
+    calls = []
+
+    def attack(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return images
+
+    with pytest.raises(ValueError, match=r"\[0, 2\) for K = 2 classes, got values in \[0, 2\]"):
+        anytime_accuracy(HandModel(), [(X, torch.tensor([0, 1, 2, 0, 1]))], attack, progress=False)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"got values in \[-1, 1\]"):
+        anytime_accuracy(HandModel(), [(X, torch.tensor([0, 1, -1, 0, 1]))], progress=False)
+    with pytest.raises(TypeError, match="integer class indices"):
+        anytime_accuracy(HandModel(), [(X, Y.float())], progress=False)
+
+
+def test_empty_batches_are_skipped() -> None:
+    empty = (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+    result = anytime_accuracy(HandModel(), [empty, *hand_batches(), empty], progress=False)
+    assert result.correct == HAND_CORRECT and result.num_samples == 5
+    with pytest.raises(ValueError, match="no samples"):
+        anytime_accuracy(HandModel(), [empty], swap_attack, progress=False)
+
+
+def test_dict_batches_are_rejected_with_their_keys() -> None:
+    loader = [{"image": X, "label": Y}]
+    with pytest.raises(TypeError, match=r"got a dict with keys \['image', 'label'\] at batch 0"):
+        anytime_accuracy(HandModel(), loader, progress=False)
+    # The fix the message suggests works.
+    fixed = ((b["image"], b["label"]) for b in loader)
+    assert anytime_accuracy(HandModel(), fixed, progress=False).correct == HAND_CORRECT
+
+
+def test_list_batches_and_explicit_device() -> None:
+    batches = [[X[:2], Y[:2]], [X[2:], Y[2:]]]
+    result = anytime_accuracy(HandModel(), batches, device="cpu", progress=False)
+    assert result.correct == HAND_CORRECT
+
+
+@pytest.mark.cuda
+def test_cuda_model_with_cpu_loader_and_attack() -> None:
+    model = HandModel().cuda()
+    seen = []
+
+    def attack(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append((images.device.type, labels.device.type))
+        return images.flip(-1)
+
+    result = anytime_accuracy(model, hand_batches(), attack, progress=False)
+    assert result.correct == HAND_CORRECT_SWAPPED
+    assert seen == [("cuda", "cuda")] * 2
+
+
 def test_torchattacks_on_exit_view() -> None:
     model = TinyMultiExit().double().eval()
     g = torch.Generator().manual_seed(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -28,12 +29,21 @@ def naive_confidence(logits: torch.Tensor) -> tuple[list[list[float]], list[list
     return conf.tolist(), pred.tolist()
 
 
-def naive_fit_thresholds(logits: torch.Tensor, proportions: list[float]) -> list[float]:
-    """Walk the validation samples in descending confidence, one sample at a time."""
+def exact(value: float | Fraction) -> Fraction:
+    """A proportion as an exact fraction: 0.3 is three tenths, not its binary rounding."""
+    return value if isinstance(value, Fraction) else Fraction(value).limit_denominator(10**6)
+
+
+def naive_fit_thresholds(logits: torch.Tensor, proportions) -> list[float]:
+    """Walk the validation samples in descending confidence, one sample at a time.
+
+    The sample counts ⌊N · q_k⌋ are computed in exact rational arithmetic.
+    """
     num_exits, n, _ = logits.shape
     conf, _ = naive_confidence(logits)
-    total = sum(proportions)
-    q = [p / total for p in proportions]
+    fractions = [exact(p) for p in proportions]
+    total = sum(fractions)
+    q = [p / total for p in fractions]
     thresholds = [math.inf] * num_exits
     left = [False] * n
     for k in range(num_exits - 1):
@@ -68,9 +78,14 @@ def naive_budgeted(logits, targets, thresholds, costs) -> tuple[float, float, li
     return correct / n, cost / n, exits
 
 
-def naive_proportions(p: float, num_exits: int, center: float = 20.0) -> list[float]:
-    raw = [(p / center) ** k for k in range(1, num_exits + 1)]
+def naive_proportions(p: float, num_exits: int, center: float = 20.0) -> list[Fraction]:
+    """q_k = (p/c)^k / Σ_j (p/c)^j, exactly."""
+    raw = [(Fraction(p) / Fraction(center)) ** k for k in range(1, num_exits + 1)]
     return [r / sum(raw) for r in raw]
+
+
+def floats(values) -> list[float]:
+    return [float(v) for v in values]
 
 
 def random_logits(num_exits: int, n: int, k: int, seed: int, dtype=torch.float32) -> torch.Tensor:
@@ -89,7 +104,7 @@ def test_exit_proportions_closed_form(p: int, num_exits: int) -> None:
     q = exit_proportions(p, num_exits)
     assert q.dtype == torch.float64
     torch.testing.assert_close(
-        q, torch.tensor(naive_proportions(p, num_exits), dtype=torch.float64)
+        q, torch.tensor(floats(naive_proportions(p, num_exits)), dtype=torch.float64)
     )
 
 
@@ -120,10 +135,49 @@ def test_fit_thresholds_matches_naive(p: int, num_exits: int, device: torch.devi
     logits = random_logits(num_exits, 57, 6, seed=p + 100 * num_exits)
     q = naive_proportions(p, num_exits)
     expected = naive_fit_thresholds(logits, q)
-    got = fit_thresholds(logits.to(device), q)
+    got = fit_thresholds(logits.to(device), floats(q))
     assert got.shape == (num_exits,)
     assert got.device.type == device.type
     assert got.cpu().tolist() == expected
+
+
+def distinct_confidences(num_exits: int, n: int, seed: int) -> torch.Tensor:
+    """Logits (E, n, 2) whose confidences at each exit are n distinct values, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    margins = torch.stack([torch.randperm(n, generator=g) for _ in range(num_exits)]).double()
+    logits = torch.zeros(num_exits, n, 2, dtype=torch.float64)
+    logits[..., 0] = 0.05 * margins  # confidence = sigmoid(margin), strictly increasing
+    return logits
+
+
+@pytest.mark.parametrize("num_exits", [2, 3, 5, 7])
+@pytest.mark.parametrize("n", [18, 60, 101])
+def test_validation_exit_counts_are_the_closed_form(num_exits: int, n: int) -> None:
+    # Without ties, fitting on a set and assigning that same set sends exactly
+    # n_k = ⌊N · q_k⌋ samples (exact arithmetic) to exit k < E when that many remain
+    # (none otherwise: T_k = +inf), and the rest to the last exit.
+    logits = distinct_confidences(num_exits, n, seed=n + num_exits)
+    for p in range(1, 40):
+        q = naive_proportions(p, num_exits)
+        thresholds = fit_thresholds(logits, exit_proportions(p, num_exits))
+        counts = torch.bincount(exit_assignment(logits, thresholds), minlength=num_exits)
+        expected, remaining = [], n
+        for k in range(num_exits - 1):
+            wanted = math.floor(n * q[k])
+            expected.append(wanted if 0 < wanted <= remaining else 0)
+            remaining -= expected[-1]
+        expected.append(remaining)
+        assert counts.tolist() == expected, f"p = {p}: expected {expected}, got {counts.tolist()}"
+
+
+def test_fit_thresholds_count_is_not_lost_to_rounding() -> None:
+    # E = 2, p = 4: q = (5/6, 1/6) and N · q_1 = 15 exactly, but 18 * (5/6 as a float)
+    # is 14.999999999999998; a plain floor would send 14 samples to exit 1.
+    logits = distinct_confidences(2, 18, seed=0)
+    q = exit_proportions(4, 2)
+    assert 18 * float(q[0] / q.sum()) < 15
+    exits = exit_assignment(logits, fit_thresholds(logits, q))
+    assert exits.tolist().count(0) == 15
 
 
 def test_fit_thresholds_float64(dtype: torch.dtype) -> None:
@@ -195,7 +249,9 @@ def test_fit_thresholds_accepts_sequence_of_exits() -> None:
 
 def test_fit_thresholds_half_precision_is_upcast() -> None:
     logits = random_logits(2, 16, 3, seed=6).to(torch.bfloat16)
-    assert fit_thresholds(logits, [0.5, 0.5]).dtype == torch.float32
+    got = fit_thresholds(logits, [0.5, 0.5])
+    assert got.dtype == torch.float32
+    assert got.tolist() == naive_fit_thresholds(logits.float(), [0.5, 0.5])
 
 
 @pytest.mark.parametrize(
@@ -229,6 +285,53 @@ def test_budgeted_accuracy_matches_naive(p: int, device: torch.device) -> None:
     assert got[0] == pytest.approx(acc, abs=1e-12)
     assert got[1] == pytest.approx(cost, rel=1e-12)
     assert exit_assignment(test.to(device), thresholds).cpu().tolist() == exits
+
+
+def test_budgeted_accuracy_extreme_thresholds_are_single_exits() -> None:
+    # T = -inf everywhere: every sample leaves at exit 1 and pays exit 1's cost; T = +inf
+    # before the last exit: everyone pays the full cumulative cost of the last exit.
+    logits = random_logits(3, 40, 4, seed=8)
+    targets = torch.randint(4, (40,), generator=torch.Generator().manual_seed(8))
+    costs = [2.0, 5.0, 11.0]
+    per_exit = [float((z.argmax(-1) == targets).double().mean()) for z in logits]
+    assert budgeted_accuracy(logits, targets, [-math.inf] * 3, costs) == (
+        pytest.approx(per_exit[0]),
+        2.0,
+    )
+    assert budgeted_accuracy(logits, targets, [math.inf] * 3, costs) == (
+        pytest.approx(per_exit[2]),
+        11.0,
+    )
+
+
+def test_budgeted_cost_is_the_cumulative_cost_of_the_exit_taken() -> None:
+    # Costs measured by exit_costs on a model whose exit costs are known in closed form:
+    # each of 3 stages is Linear(6, 6) + ReLU, each head Linear(6, 4), in order.
+    class ThreeStages(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stages = torch.nn.ModuleList(
+                torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU()) for _ in range(3)
+            )
+            self.heads = torch.nn.ModuleList(torch.nn.Linear(6, 4) for _ in range(3))
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            out = []
+            for stage, head in zip(self.stages, self.heads):
+                x = stage(x)
+                out.append(head(x))
+            return out
+
+    from neokd_losses.evaluation.flops import exit_costs
+
+    step = (6 * 6 + 6) + 6 + (6 * 4 + 4)  # one stage and its head
+    costs = exit_costs(ThreeStages(), torch.rand(2, 6))
+    assert costs == [step, 2 * step, 3 * step]
+    logits = distinct_confidences(3, 30, seed=9)
+    targets = torch.zeros(30, dtype=torch.long)
+    t = fit_thresholds(logits, [0.5, 0.3, 0.2])  # 15, 9 and 6 samples
+    _, mean_cost = budgeted_accuracy(logits, targets, t, costs)
+    assert mean_cost == pytest.approx((15 * step + 9 * 2 * step + 6 * 3 * step) / 30)
 
 
 def test_budgeted_accuracy_ignores_last_threshold() -> None:
@@ -307,8 +410,14 @@ def test_budget_curve_to_dict_is_strict_json() -> None:
     curve = budget_curve(val, y, test, y, [1.0, 2.0, 3.0], num_points=5)
     data = json.loads(json.dumps(curve.to_dict(), allow_nan=False))
     assert data["accuracies"] == list(curve.accuracies)
-    assert all(len(t) == 2 for t in data["thresholds"])
-    assert data["thresholds"][0][0] is None or data["thresholds"][0][0] <= 1.0
+    assert data["mean_costs"] == list(curve.mean_costs)
+    assert data["exit_fractions"] == [list(f) for f in curve.exit_fractions]
+    assert data["thresholds"] == [
+        [None if math.isinf(t) else t for t in ts[:2]] for ts in curve.thresholds
+    ]
+    assert all(ts[2] == -math.inf for ts in curve.thresholds)
+    # p = 1: q_1 = 0.95, 19 of 20 samples leave at exit 1, a finite threshold.
+    assert data["thresholds"][0][0] is not None
 
 
 @pytest.mark.parametrize(
@@ -387,6 +496,32 @@ def test_budgeted_evaluation_fits_on_validation_and_scores_test() -> None:
             acc, cost, _ = naive_budgeted(lt, yt, t, costs)
             assert curve.accuracies[idx] == pytest.approx(acc)
             assert curve.mean_costs[idx] == pytest.approx(cost)
+
+
+def test_collect_logits_checks_labels_before_the_attack() -> None:
+    calls = []
+
+    def attack(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return images
+
+    bad = [(torch.rand(3, 16), torch.tensor([0, 5, 1]))]  # K = 5 classes
+    with pytest.raises(ValueError, match=r"\[0, 5\) .* got values in \[0, 5\]"):
+        collect_logits(TinyMLPExits(), bad, attack, progress=False)
+    assert calls == []
+    with pytest.raises(TypeError, match="integer class indices"):
+        collect_logits(TinyMLPExits(), [(torch.rand(3, 16), torch.zeros(3))], progress=False)
+
+
+def test_collect_logits_skips_empty_batches() -> None:
+    model = TinyMLPExits()
+    batches = _batches(10, 4, seed=3)
+    with_empty = [(torch.rand(0, 16), torch.zeros(0, dtype=torch.long)), *batches]
+    a, ya = collect_logits(model, batches, progress=False)
+    b, yb = collect_logits(model, with_empty, progress=False)
+    assert torch.equal(a, b) and torch.equal(ya, yb)
+    with pytest.raises(ValueError, match="no samples"):
+        collect_logits(model, with_empty[:1], progress=False)
 
 
 def test_collect_logits_errors() -> None:

@@ -164,6 +164,26 @@ def test_mode_buffers_and_gradients_are_left_untouched() -> None:
     assert not wrapped.training
 
 
+def test_every_submodule_mode_is_restored_also_on_error() -> None:
+    model = _ThreeExits().train()
+    model.stages[1].eval()  # e.g. a frozen stage inside a model being trained
+    exit_costs(model, torch.rand(2, 6))
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert modes["stages.1"] is False and modes["stages.1.0"] is False
+    assert all(training for name, training in modes.items() if not name.startswith("stages.1"))
+
+    class Broken(_ThreeExits):
+        def forward(self, x: Tensor) -> list[Tensor]:
+            assert not self.training and not self.heads[0].training
+            raise RuntimeError("boom")
+
+    broken = Broken().train()
+    broken.heads[0].eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        exit_costs(broken, torch.rand(2, 6))
+    assert broken.training and broken.stages[0].training and not broken.heads[0].training
+
+
 class _Returns(nn.Module):
     def __init__(self, fn: Callable[[Tensor], object]) -> None:
         super().__init__()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from neokd_losses.attacks.pgd import MultiExitPGD
 from neokd_losses.evaluation.sanity import (
     GradientMaskingWarning,
     SanityCheck,
@@ -137,6 +138,78 @@ def test_reversed_gradient_model_is_flagged(trained: nn.Module) -> None:
     assert max(accs[1:]) > accs[0]
 
 
+def _direct_mean_accuracy(model: nn.Module, x, y, attack=None) -> float:
+    """Mean over exits of the per-exit accuracy, on the whole set at once."""
+    inputs = x if attack is None else attack(x, y)
+    with torch.no_grad():
+        return sum(float((z.argmax(-1) == y).double().mean()) for z in model(inputs)) / 3
+
+
+def test_reported_accuracies_equal_direct_attacks(trained: nn.Module) -> None:
+    # Each run is MultiExitPGD(mode, eps, alpha = 2.5 eps / steps, a start drawn from a
+    # generator seeded with `seed`); one batch so the random starts line up.
+    x, y = blobs(32, seed=6)
+    eps, few, many = 0.2, 2, 5
+    report = sanity_checks(
+        trained,
+        [(x, y)],
+        eps=eps,
+        eps_factors=(0.5, 1.0),
+        steps=(few, many),
+        large_eps=0.6,
+        seed=7,
+        progress=False,
+        warn=False,
+    )
+
+    def pgd(run_eps: float, run_steps: int) -> MultiExitPGD:
+        return MultiExitPGD(
+            trained,
+            eps=run_eps,
+            alpha=2.5 * run_eps / run_steps,
+            steps=run_steps,
+            random_start=True,
+            mode="average",
+            generator=torch.Generator().manual_seed(7),
+        )
+
+    curve = report["accuracy_decreases_with_eps"].values["accuracy"]
+    expected = [
+        _direct_mean_accuracy(trained, x, y),
+        _direct_mean_accuracy(trained, x, y, pgd(0.1, few)),
+        _direct_mean_accuracy(trained, x, y, pgd(0.2, few)),
+    ]
+    assert curve == pytest.approx(expected, abs=1e-12)
+    steps_check = report["more_steps_not_weaker"].values["accuracy"]
+    assert steps_check == pytest.approx(
+        [expected[2], _direct_mean_accuracy(trained, x, y, pgd(0.2, many))], abs=1e-12
+    )
+    large = report["large_eps_breaks_model"].values["accuracy"]
+    assert large == pytest.approx(_direct_mean_accuracy(trained, x, y, pgd(0.6, many)), abs=1e-12)
+
+
+def test_zero_gradient_fraction_counts_samples(trained: nn.Module) -> None:
+    # Inputs rounded to {0, 1} have zero gradient except where they sit exactly on 0.5
+    # (round's gradient is zero everywhere); a model passing half of the batch through
+    # the rounding and half untouched gives a zero fraction of exactly 1/2.
+    class HalfRounded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = trained
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            half = x.shape[0] // 2
+            return self.inner(torch.cat([torch.round(x[:half]), x[half:]]))
+
+    x, y = blobs(16, seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = sanity_checks(
+            HalfRounded(), [(x, y)], eps=0.1, steps=(1, 2), progress=False, warn=False
+        )
+    assert report["gradients_nonzero"].values == {"zero_fraction": 0.5, "nonfinite_fraction": 0.0}
+
+
 def test_more_steps_check_compares_the_two_runs(trained: nn.Module) -> None:
     x, y = blobs(48, seed=1)
     report = sanity_checks(trained, _batches(x, y), eps=0.2, steps=(2, 8), progress=False)
@@ -199,6 +272,7 @@ def test_report_serialisation() -> None:
         ({"steps": (50, 7)}, ValueError, "few < many"),
         ({"tolerance": 1.5}, ValueError, "tolerance"),
         ({"max_batches": 0}, ValueError, "max_batches"),
+        ({"max_batches": 2.5}, ValueError, r"`max_batches` must be an int >= 1 or None, got 2.5"),
         ({"max_accuracy_at_large_eps": -0.1}, ValueError, "max_accuracy_at_large_eps"),
     ],
 )

@@ -77,6 +77,25 @@ def test_zero_eps_rows_are_the_clean_error_rate(setup) -> None:
         assert m[i].tolist() == pytest.approx(clean, abs=1e-12)
 
 
+def test_inside_no_grad_and_with_empty_batches(setup) -> None:
+    model, x, y, batches = setup
+    kwargs = {"eps": EPS, "alpha": ALPHA, "steps": STEPS, "random_start": False}
+    reference = transferability_matrix(model, batches, progress=False, **kwargs)
+    empty = (x[:0], y[:0])
+    with torch.no_grad():
+        got = transferability_matrix(model, [empty, *batches, empty], progress=False, **kwargs)
+    assert torch.equal(got, reference)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_labels_are_checked_before_attacking(setup) -> None:
+    model, x, y, _ = setup
+    bad = y.clone()
+    bad[3] = 10  # K = 10 classes
+    with pytest.raises(ValueError, match=r"\[0, 10\) for K = 10 classes, got values in \[0, 10\]"):
+        transferability_matrix(model, [(x, bad)], eps=EPS, alpha=ALPHA, steps=1, progress=False)
+
+
 def test_seeded_random_start_is_reproducible(setup) -> None:
     model, _, _, batches = setup
     runs = [
