@@ -32,6 +32,7 @@ so the result is the cost for ONE input.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -235,7 +236,8 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
     Args:
         model: a multi-exit model whose ``forward`` returns a list or tuple of E logits
             tensors (B, K).
-        example_input: one batch the model accepts, (B, ...); only its shape matters.
+        example_input: one batch the model accepts, (B, ...); only its shape matters, and
+            it is moved to the device of the model's parameters.
             Counts are divided by B.
 
     Returns:
@@ -279,6 +281,11 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
             "`example_input` must hold at least one sample, got shape "
             f"{tuple(example_input.shape)}."
         )
+    # Only the shape matters: follow the model's device, so that a model on the GPU can
+    # be measured with a CPU batch.
+    anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    if anchor is not None and example_input.device != anchor.device:
+        example_input = example_input.to(anchor.device)
     counter = _MacCounter()
     # eval_mode restores every submodule's own mode (a frozen BatchNorm inside a model in
     # train mode stays frozen); model.train(was_training) would reset them all.

@@ -115,6 +115,18 @@ def test_costs_are_per_input_whatever_the_batch() -> None:
     assert exit_costs(model, torch.rand(1, 6)) == exit_costs(model, torch.rand(7, 6))
 
 
+def test_the_input_follows_the_model_device() -> None:
+    # A model on the meta device (no data, shapes only) stands in for one on a GPU: the
+    # CPU batch is moved to it, and the closed-form costs come out.
+    stage, head = (6 * 6 + 6) + 6, 6 * 4 + 4
+    model = _ThreeExits().to("meta")
+    assert exit_costs(model, torch.rand(2, 6)) == [
+        stage + head,
+        2 * (stage + head),
+        3 * (stage + head),
+    ]
+
+
 def test_exits_returned_out_of_computation_order_are_made_cumulative() -> None:
     class Reversed(_ThreeExits):
         def forward(self, x: Tensor) -> list[Tensor]:
