@@ -254,9 +254,18 @@ def exit_assignment(logits: StackedLogits, thresholds: Numbers | Tensor) -> Tens
 def _as_thresholds(thresholds: Numbers | Tensor, confidence: Tensor) -> Tensor:
     if isinstance(thresholds, Tensor):
         t = thresholds.detach().to(device=confidence.device, dtype=confidence.dtype)
+    elif isinstance(thresholds, Sequence) and not isinstance(thresholds, (str, bytes)):
+        try:
+            values = [float(v) for v in thresholds]
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"`thresholds` must be a sequence of E numbers, got {thresholds!r}."
+            ) from err
+        t = torch.tensor(values, dtype=confidence.dtype, device=confidence.device)
     else:
-        t = torch.as_tensor(
-            [float(v) for v in thresholds], dtype=confidence.dtype, device=confidence.device
+        raise TypeError(
+            f"`thresholds` must be a sequence of E numbers or a 1-D tensor (one per exit), "
+            f"got {type(thresholds).__name__} {thresholds!r}."
         )
     if t.shape != confidence.shape[:1]:
         raise ValueError(

@@ -349,6 +349,8 @@ def test_budgeted_accuracy_ignores_last_threshold() -> None:
         ({"test_targets": torch.tensor([0.0, 1.0, 2.0])}, TypeError, "integer class indices"),
         ({"thresholds": [0.5, 0.5]}, ValueError, r"shape \(3,\)"),
         ({"thresholds": [0.5, float("nan"), 0.0]}, ValueError, "NaN"),
+        ({"thresholds": 0.5}, TypeError, "sequence of E numbers or a 1-D tensor"),
+        ({"thresholds": ["high", 0.5, 0.0]}, TypeError, "sequence of E numbers"),
         ({"costs": [1.0, 2.0]}, ValueError, r"one entry per exit"),
         ({"costs": [1.0, float("inf"), 3.0]}, ValueError, "finite"),
     ],
