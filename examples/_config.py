@@ -23,11 +23,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the `examples` extra installs tomli
+    import tomli as tomllib
 
 DATASETS = ("digits", "mnist", "cifar10", "cifar100", "tinyimagenet", "imagenet")
 MODELS = (
@@ -266,7 +270,7 @@ def validate(config: Config) -> Config:
     _choice("attack.train_mode", a.train_mode, TRAIN_ATTACKS)
     _choice("run.amp", r.amp, AMP_MODES)
     _choice("run.channels_last", r.channels_last, ("auto", "on", "off"))
-    if r.device != "auto" and r.device != "cpu" and not r.device.startswith("cuda"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
         raise ConfigError(f"`run.device` must be {DEVICES_HINT}, got {r.device!r}.")
     for key, value in (
         ("data.val_size", d.val_size),

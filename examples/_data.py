@@ -418,6 +418,38 @@ def build_splits(cfg: DataConfig) -> Splits:
     return Splits(train, val, test, _NUM_CLASSES[cfg.dataset], channels, size, mean, std)
 
 
+# ------------------------------------------------------------------ augmentation
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random transforms in ``epoch`` (a 63-bit integer)."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % 2**63
+
+
+class EpochSeeded(Dataset[tuple[Tensor, int]]):
+    """A training set whose random transforms are a function of (seed, epoch, index).
+
+    Indexed with the ``(index, epoch)`` pairs of ``ShardedSampler(with_epoch=True)``: each
+    sample is loaded with torch's RNG seeded by :func:`sample_seed` (and the caller's RNG
+    state restored afterwards). A sample's crop and flip therefore do not depend on which
+    DataLoader worker loads it, on the batches before it or on the world size, so a run
+    resumed in the middle of an epoch, with worker processes, draws the same augmentation
+    as an uninterrupted one. Datasets without random transforms are unaffected.
+    """
+
+    def __init__(self, dataset: Dataset[tuple[Tensor, int]], seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        index, epoch = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
 # ------------------------------------------------------------------------- sampler
 
 
@@ -429,7 +461,8 @@ class ShardedSampler(Sampler[int]):
     multiple of ``world_size`` so every rank runs the same number of batches (training);
     without it rank r gets every ``world_size``-th index from r (evaluation: no sample is
     counted twice). ``skip`` drops the first samples of this rank's share, for resuming in
-    the middle of an epoch.
+    the middle of an epoch. With ``with_epoch`` it yields ``(index, epoch)`` pairs, the keys
+    of an :class:`EpochSeeded` dataset.
     """
 
     def __init__(
@@ -441,9 +474,11 @@ class ShardedSampler(Sampler[int]):
         shuffle: bool = True,
         seed: int = 0,
         pad: bool = True,
+        with_epoch: bool = False,
     ) -> None:
         self.size, self.rank, self.world_size = len(data), rank, world_size
         self.shuffle, self.seed, self.pad = shuffle, seed, pad
+        self.with_epoch = with_epoch
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -460,8 +495,11 @@ class ShardedSampler(Sampler[int]):
             order += (order * math.ceil(extra / max(1, len(order))))[:extra]
         return order[self.rank :: self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.skip :])
+    def __iter__(self) -> Iterator[Any]:
+        indices = self._indices()[self.skip :]
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         per_rank = (

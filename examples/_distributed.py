@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from _config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,11 @@ class DistEnv:
 
 
 def resolve_device(request: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's CUDA device when CUDA is available, else the CPU."""
+    """``auto`` -> this rank's CUDA device when CUDA is available, else the CPU.
+
+    Raises:
+        ConfigError: a CUDA device is asked for but none (or not that one) is visible.
+    """
     if request == "auto":
         return (
             torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -42,11 +47,16 @@ def resolve_device(request: str, local_rank: int = 0) -> torch.device:
     device = torch.device(request)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise ConfigError(
                 f"run.device = {request!r} but CUDA is not available; use 'cpu' or 'auto'."
             )
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"run.device = {request!r} but only {torch.cuda.device_count()} CUDA device(s) "
+                f"are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})."
+            )
     return device
 
 

@@ -29,6 +29,7 @@ the API, not a benchmark.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Sequence
 
@@ -48,6 +49,7 @@ from neokd_losses.losses.bss import BSSDistillationLoss, bss_weight_schedule
 from neokd_losses.losses.neokd import NEOKDLoss
 
 METHODS = ("bss", "ab+bss", "ab+bss+neokd")
+DIGITS_SIZE = 1797  # images in scikit-learn's digits set
 
 
 # --------------------------------------------------------------------------- models
@@ -330,8 +332,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("teacher_epochs", "ab_epochs", "epochs", "train_steps", "eval_steps"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    for name in (
+        "batch_size",
+        "teacher_width",
+        "student_width",
+        "max_train",
+        "max_test",
+        "threads",
+    ):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("lr", "student_lr", "temperature", "step_size"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            p.error(
+                f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}"
+            )
+    if not 0 <= args.eps <= 1:
+        p.error(f"--eps must be in [0, 1] (images are in [0, 1]), got {args.eps}")
+    if not 1 <= args.test_size < DIGITS_SIZE:
+        p.error(
+            f"--test-size must be in [1, {DIGITS_SIZE - 1}] (the digits set has {DIGITS_SIZE} "
+            f"images, the rest train), got {args.test_size}"
+        )
     return args
 
 

@@ -5,11 +5,14 @@
     python examples/reproduce.py cifar100_msdnet7 --nproc-per-node 2 --data-dir /data
 
 Each method trains with ``examples/train.py``'s loop into ``<out-root>/<setting>/<method>``
-(a finished run with the same settings is reused, an interrupted one resumed). The table
+(a finished run with the same settings is reused, an interrupted one resumed); models
+trained against the average attack (``--train-attack average``) go to
+``<out-root>/<setting>/train-average/<method>``, so they never collide with the paper's
+max-average runs. The table
 follows the paper's anytime-prediction table: per-exit adversarial test accuracy under the
 max-average and the average attack with their mean over exits, plus the mean clean
 accuracy and the mean off-diagonal adversarial transferability. It is printed and written
-to ``<out-root>/<setting>/summary.md`` (with ``summary.json`` and a budget-curve figure
+to ``summary.md`` in the same folder (with ``summary.json`` and a budget-curve figure
 comparing the methods).
 """
 
@@ -79,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train-attack", choices=("max-average", "average"), help="attack used for training"
     )
-    p.add_argument("--out-root", default="runs", help="runs go to <out-root>/<setting>/<method>")
+    p.add_argument(
+        "--out-root",
+        default="runs",
+        help="runs go to <out-root>/<setting>/<method> (<out-root>/<setting>/train-average/"
+        "<method> when training against the average attack)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--data-dir")
@@ -141,11 +149,24 @@ def _finished(out_dir: Path, config: Any) -> bool:
     return bool(_checkpoint.load(ckpt).get("finished")) and saved == config.to_dict()
 
 
-def run_method(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
+def setting_root(args: argparse.Namespace) -> Path:
+    """``<out-root>/<setting>``, or its ``train-average`` subfolder for models trained
+    against the average attack (from ``--train-attack`` or ``--set attack.train_mode``)."""
+    import train
+
+    parsed = train.build_parser().parse_args(_train_args(args, "neokd", Path(args.out_root)))
+    config = load(parsed.config, train.overrides_from_args(parsed))
+    root = Path(args.out_root) / args.setting
+    if config.attack.train_mode != "max-average":
+        root = root / f"train-{config.attack.train_mode}"
+    return root
+
+
+def run_method(args: argparse.Namespace, method: str, root: Path) -> dict[str, Any] | None:
     """Train and evaluate one method (or reuse its results); None if it was interrupted."""
     import train
 
-    out_dir = Path(args.out_root) / args.setting / method
+    out_dir = root / method
     argv = _train_args(args, method, out_dir)
     parsed = train.build_parser().parse_args(argv)
     config = load(parsed.config, train.overrides_from_args(parsed))
@@ -158,6 +179,7 @@ def run_method(args: argparse.Namespace, method: str) -> dict[str, Any] | None:
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free local port: several runs may share a machine
             f"--nproc_per_node={args.nproc_per_node}",
             str(HERE / "train.py"),
             *argv,
@@ -210,7 +232,10 @@ def comparison_table(setting: str, results: dict[str, dict[str, Any]]) -> str:
     )
     paper = PAPER_RESULTS.get(setting)
     if paper:
-        note += "\n\nPaper (REFERENCE.md section 5), mean adversarial accuracy over exits (%):\n\n"
+        note += (
+            "\n\nPaper (REFERENCE.md section 5), mean adversarial accuracy over exits (%), "
+            "models trained with the max-average attack:\n\n"
+        )
         note += (
             "| Method | max-average | average |"
             + (" transfer |" if setting in PAPER_TRANSFER else "")
@@ -227,13 +252,17 @@ def comparison_table(setting: str, results: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.nproc_per_node < 1:
+        parser.error(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
     methods = args.methods or DEFAULT_METHODS.get(args.setting, PAPER_METHODS)
     results: dict[str, dict[str, Any]] = {}
     try:
+        root = setting_root(args)
         for method in methods:
             print(f"[{method}] {args.setting}: training and evaluating ...", file=sys.stderr)
-            result = run_method(args, method)
+            result = run_method(args, method, root)
             if result is not None:
                 results[method] = result
     except (ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
@@ -245,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 2
     table = comparison_table(args.setting, results)
-    root = Path(args.out_root) / args.setting
     root.mkdir(parents=True, exist_ok=True)
     (root / "summary.md").write_text(table)
     (root / "summary.json").write_text(json.dumps(results, indent=2) + "\n")

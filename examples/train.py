@@ -43,7 +43,7 @@ from _config import (
     load,
     parse_override,
 )
-from _data import DatasetError, ShardedSampler, Splits, build_splits
+from _data import DatasetError, EpochSeeded, ShardedSampler, Splits, build_splits
 from _logging import RunLog
 from _methods import build_criterion
 from _models import build_model
@@ -116,8 +116,30 @@ def make_loader(
         persistent_workers=workers > 0,
         # A dedicated generator (re-seeded per epoch) keeps the DataLoader from drawing its
         # worker seed from the global RNG, so resuming mid-epoch leaves that stream intact.
+        # Random transforms do not use the workers' seeds: EpochSeeded seeds every sample.
         generator=torch.Generator(),
     )
+
+
+def make_train_loader(
+    dataset: Any, batch_size: int, config: Config, env: _distributed.DistEnv
+) -> tuple[DataLoader[Any], ShardedSampler]:
+    """This rank's training loader and its sampler (``sampler.set_epoch`` before each epoch).
+
+    The samples' random transforms are seeded per (seed, epoch, index) (``EpochSeeded``),
+    so the augmentation of a resumed run matches an uninterrupted one, workers or not.
+    """
+    sampler = ShardedSampler(
+        dataset,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=config.run.seed,
+        shuffle=True,
+        pad=True,
+        with_epoch=True,
+    )
+    data = EpochSeeded(dataset, config.run.seed)
+    return make_loader(data, batch_size, sampler, config, env.device), sampler
 
 
 def make_train_attack(model: nn.Module, config: Config, generator: torch.Generator) -> Any:
@@ -306,15 +328,7 @@ def run(
             f"`optim.batch_size` = {config.optim.batch_size} is the global batch and must be "
             f"divisible by the world size {env.world_size}."
         )
-    sampler = ShardedSampler(
-        splits.train,
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=config.run.seed,
-        shuffle=True,
-        pad=True,
-    )
-    loader = make_loader(splits.train, per_rank_batch, sampler, config, device)
+    loader, sampler = make_train_loader(splits.train, per_rank_batch, config, env)
 
     # Model, optimiser, schedule, AMP scaler, loss, attack.
     channels_last = use_channels_last(config, device)
@@ -399,6 +413,12 @@ def run(
             f"{len(splits.test)} test samples; device {device}, world size {env.world_size}, "
             f"amp {config.run.amp}; out_dir {out_dir}"
         )
+        if config.run.amp != "none" and device.type != "cuda":
+            log.info(
+                f"note: run.amp = {config.run.amp!r} on {device.type}: the attack and the forward "
+                f"passes run under torch.autocast({device.type!r}, {config.run.amp}), which is "
+                "usually slower than float32 there; mixed precision is meant for GPUs."
+            )
 
     def checkpoint(epoch: int, batch: int, finished: bool = False) -> None:
         payload = _position_state(
@@ -531,10 +551,22 @@ def run(
 # ------------------------------------------------------------------------------ CLI
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only for flags that have one; the others keep the config's value."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Adversarial training of a multi-exit network with NEO-KD or a baseline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="A flag left out keeps the value of the config file; the flags and --set "
+        "override it. Exit codes: 0 done, 2 invalid config or data, 3 non-finite loss, "
+        "130 / 143 stopped by SIGINT / SIGTERM (checkpoint saved, continue with --resume).",
+        formatter_class=_HelpFormatter,
     )
     default_config = Path(__file__).parent / "configs" / "digits.toml"
     p.add_argument("--config", default=str(default_config), help="TOML config file")

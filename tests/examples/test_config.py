@@ -108,6 +108,8 @@ def test_paper_hyper_parameters() -> None:
         ({"data.val_size": 0}, r"`data.val_size` must be >= 1"),
         ({"run.amp": "fp8"}, r"`run.amp` must be one of 'none', 'bf16', 'fp16'"),
         ({"run.device": "tpu"}, r"`run.device` must be 'auto', 'cpu'"),
+        ({"run.device": "cudax"}, r"`run.device` must be 'auto', 'cpu'.*got 'cudax'"),
+        ({"run.device": "cuda:x"}, r"`run.device` must be 'auto', 'cpu'.*got 'cuda:x'"),
         ({"loss.neokd": 3}, r"`loss.neokd` must be a table"),
         ({"data": 1}, r"`\[data\]` must be a table"),
     ],
@@ -224,3 +226,21 @@ def test_training_identity_ignores_only_harmless_keys() -> None:
 def test_ablations_zero_one_coefficient(method: str, alpha: float, beta: float) -> None:
     module = build_criterion(_config.load(DIGITS, {"loss.method": method}).loss).module
     assert (module.alpha, module.beta) == (alpha, beta)
+
+
+def test_config_reads_toml_on_python_3_10_through_tomli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the standard library's tomllib (Python 3.10), the examples extra's tomli is used."""
+    import importlib.util
+    import sys
+
+    tomllib = pytest.importorskip("tomllib")  # on Python 3.10 every other test covers tomli
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` now fails
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)  # stands in for the tomli package
+    spec = importlib.util.spec_from_file_location("_config_py310", EXAMPLES / "_config.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "_config_py310", module)
+    spec.loader.exec_module(module)
+    assert module.tomllib is tomllib
+    config = module.load(DIGITS, {"optim.milestones": module.parse_override("k.v=[3, 4]")[1]})
+    assert (config.optim.epochs, config.optim.milestones) == (20, [3, 4])

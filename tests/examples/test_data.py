@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 from _config import DataConfig
-from _data import DatasetError, ShardedSampler, build_splits, load_mnist_idx, read_idx
+from _data import (
+    DatasetError,
+    EpochSeeded,
+    ShardedSampler,
+    build_splits,
+    load_mnist_idx,
+    read_idx,
+)
 
 
 def write_idx(path: Path, array: np.ndarray, code: int, fmt: str, *, compress: bool) -> None:
@@ -221,6 +228,34 @@ def test_sharded_sampler_order_depends_on_epoch_only_and_skip_resumes() -> None:
     assert list(s) == first
     s.set_epoch(0, skip=8)
     assert list(s) == first[8:] and len(s) == 12
+
+
+class _RandomlyAugmented(torch.utils.data.Dataset):
+    """Each sample is its index plus a draw of torch's global RNG, as a random crop is."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(()) + index, index
+
+
+def test_epoch_seeded_augmentation_depends_on_seed_epoch_and_index_only() -> None:
+    data = EpochSeeded(_RandomlyAugmented(), seed=3)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = data[(4, 1)][0]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
+    torch.manual_seed(123)  # whatever ran before does not matter
+    assert torch.equal(data[(4, 1)][0], first) and int(first) == 4
+    others = [data[(4, 2)][0], EpochSeeded(_RandomlyAugmented(), seed=4)[(4, 1)][0]]
+    assert all(not torch.equal(x, first) for x in others)
+    s = ShardedSampler(data, seed=0, with_epoch=True)
+    s.set_epoch(5, skip=3)
+    keys = list(s)
+    assert len(keys) == len(s) == 7 and {e for _, e in keys} == {5}
+    s.with_epoch = False
+    assert [i for i, _ in keys] == list(s)
 
 
 def test_digits_reader_matches_scikit_learn() -> None:

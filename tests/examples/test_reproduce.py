@@ -97,3 +97,51 @@ def test_reproduce_runs_each_method_then_reuses_them(
     # A changed training setting is not silently reused: the old run is refused on resume.
     assert reproduce.main([*argv, "--set", "optim.lr=0.5", "--methods", "adv"]) == 2
     assert "different configuration" in capsys.readouterr().err
+    # Average-attack training (a documented command) runs beside the max-average runs.
+    before = (tmp_path / "digits" / "adv" / "results.json").read_text()
+    assert reproduce.main([*argv, "--train-attack", "average", "--methods", "adv"]) == 0
+    assert "models trained with the average attack" in capsys.readouterr().out
+    average = tmp_path / "digits" / "train-average"
+    assert json.loads((average / "adv" / "results.json").read_text())["train_attack"] == "average"
+    assert (average / "summary.md").is_file()
+    assert (tmp_path / "digits" / "adv" / "results.json").read_text() == before
+    assert "Adv. w/o distill" in (tmp_path / "digits" / "summary.md").read_text()
+
+
+def test_torchrun_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--nproc-per-node: torchrun on a free local port, --overwrite first, --resume after."""
+    calls: list[list[str]] = []
+
+    def fake_call(cmd: list[str]) -> int:
+        calls.append(cmd)
+        out_dir = Path(cmd[cmd.index("--out-dir") + 1])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "checkpoint.pt").write_bytes(b"")
+        result = _fake_result("adv", [0.5, 0.6], [0.4, 0.5], [0.9, 1.0], [[1.0, 0.2], [0.3, 1.0]])
+        (out_dir / "results.json").write_text(json.dumps({**result, "budget": {}}))
+        return 0
+
+    monkeypatch.setattr(reproduce.subprocess, "call", fake_call)
+    monkeypatch.setattr(reproduce, "_finished", lambda out_dir, config: False)
+    from neokd_losses.evaluation import plots
+
+    monkeypatch.setattr(plots, "plot_budget_curves", lambda *args, **kwargs: None)
+    argv = ["digits", "--methods", "adv", "--out-root", str(tmp_path), "--nproc-per-node", "2"]
+    assert reproduce.main(argv) == 0
+    assert reproduce.main([*argv, "--train-attack", "average"]) == 0
+    assert reproduce.main(argv) == 0
+    first, average, again = calls
+    assert first[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert first[-1] == "--overwrite" and again[-1] == "--resume"
+    assert first[first.index("--out-dir") + 1] == str(tmp_path / "digits" / "adv")
+    assert average[average.index("--out-dir") + 1] == str(
+        tmp_path / "digits" / "train-average" / "adv"
+    )
+    assert average[-1] == "--overwrite"
+
+
+def test_bad_nproc_per_node_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["digits", "--nproc-per-node", "0", "--out-root", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--nproc-per-node must be >= 1, got 0" in capsys.readouterr().err

@@ -179,6 +179,11 @@ def test_non_finite_loss_stops_with_batch_index_and_checkpoint(
 def test_cli_exit_codes_and_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train.main(["--set", "optim.lr=-1", "--out-dir", str(tmp_path)]) == 2
     assert "error: `optim.lr` must be > 0, got -1.0." in capsys.readouterr().err
+    assert train.main(["--device", "cuda:x", "--out-dir", str(tmp_path)]) == 2
+    assert "error: `run.device` must be 'auto', 'cpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert train.main(["--device", "cuda", "--out-dir", str(tmp_path)]) == 2
+        assert "CUDA is not available; use 'cpu' or 'auto'" in capsys.readouterr().err
     assert train.main(["--config", str(tmp_path / "missing.toml")]) == 2
     assert "not found" in capsys.readouterr().err
     args = train.build_parser().parse_args(
@@ -208,11 +213,15 @@ def test_cli_exit_codes_and_messages(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 @pytest.mark.parametrize(("amp", "channels_last"), [("bf16", "on"), ("fp16", "off")])
 def test_mixed_precision_and_channels_last_on_cpu(
-    tiny_config: Any, amp: str, channels_last: str
+    tiny_config: Any, amp: str, channels_last: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tiny_config(run__amp=amp, run__channels_last=channels_last, run__device="cpu")
-    outcome = train.run(config, progress=False, quiet=True, evaluate=False)
+    outcome = train.run(config, progress=False, evaluate=False)
     assert outcome.status == "finished"
+    # AMP on the CPU does run (autocast on the CPU) and says so.
+    assert f"note: run.amp = '{amp}' on cpu: the attack and the forward passes run under" in (
+        capsys.readouterr().err
+    )
     saved = _checkpoint.load(config.out_dir / train.CHECKPOINT)
     assert all(
         v.dtype == torch.float32 for k, v in saved["model"].items()
@@ -227,3 +236,44 @@ def test_cuda_amp_compile_channels_last(tiny_config: Any, amp: str) -> None:
     outcome = train.run(config, progress=False, quiet=True)
     assert outcome.status == "finished" and outcome.results is not None
     assert outcome.results["device"].startswith("cuda")
+
+
+def test_help_shows_real_defaults_only(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "configs/digits.toml)" in text  # --config has a real default, shown
+    assert "A flag left out keeps the value of the config file" in text
+
+
+class _RandomCrop(torch.utils.data.Dataset):
+    """Stands in for an augmented training set: every load draws from torch's RNG."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.rand(2), index
+
+
+def test_augmentation_of_a_resumed_epoch_matches_with_worker_processes(tiny_config: Any) -> None:
+    """The paper settings augment in DataLoader workers; a resumed epoch must see the same
+    crops as an uninterrupted one (which a worker-seeded augmentation does not give)."""
+    config = tiny_config(data__num_workers=2)
+    env = train._distributed.DistEnv(0, 0, 1, torch.device("cpu"))
+
+    def epochs(first: int, last: int, skip: int = 0) -> list[list[torch.Tensor]]:
+        loader, sampler = train.make_train_loader(_RandomCrop(), 3, config, env)
+        out = []
+        for epoch in range(first, last + 1):
+            sampler.set_epoch(epoch, skip=skip if epoch == first else 0)
+            loader.generator.manual_seed(epoch)
+            out.append([images for images, _ in loader])
+        return out
+
+    uninterrupted = epochs(0, 1)[1]
+    resumed = epochs(1, 1, skip=3)[0]  # stopped after 1 of 4 batches of epoch 2
+    assert len(uninterrupted) == 4 and len(resumed) == 3
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted[1:], resumed, strict=True))
