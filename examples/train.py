@@ -466,7 +466,9 @@ def run(
                     raise NonFiniteLossError(
                         f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, batch index {batch} "
                         f"(0-based, {per_rank_batch} samples per process); the state before this "
-                        f"batch is saved in {ckpt_path}. Lower optim.lr or try run.amp = 'bf16' / 'none'."
+                        f"batch is saved in {ckpt_path}. Lower optim.lr or try run.amp = 'bf16' / 'none' "
+                        "and start over with --overwrite (--resume continues only with unchanged "
+                        "settings)."
                     )
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
