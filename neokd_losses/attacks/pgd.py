@@ -8,6 +8,8 @@ returns a sequence of E logits tensors (B, K); every loss below is computed from
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import warnings
 import weakref
@@ -34,6 +36,7 @@ from neokd_losses.attacks._common import (
     check_generator,
     check_image_kind,
     check_image_range,
+    first_device,
     module_device,
     preserved_modes,
     upcast,
@@ -105,6 +108,28 @@ def _fixed(row_loss: RowLoss) -> Callable[[list[Tensor]], RowLoss]:
     return lambda _exits: row_loss
 
 
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16 / bfloat16 images, else their own dtype (float32, float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _round_toward(value: Tensor, origin: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value`` rounded to ``dtype``, never farther from ``origin`` than it is.
+
+    ``value`` and ``origin`` are in the working precision and ``origin`` is exactly
+    representable in ``dtype`` (it came from the images). Entries that rounding to
+    nearest moved away from ``origin`` step back one unit in the last place, to the
+    representable neighbour between ``origin`` and ``value``: every coordinate of the
+    perturbation shrinks or stays, so the rounded point stays inside the L∞ or L2 ball
+    and inside [0, 1]. A no-op when ``dtype`` is the working precision.
+    """
+    if value.dtype == dtype:
+        return value
+    rounded = value.to(dtype)
+    away = (rounded.to(value.dtype) - origin).abs() > (value - origin).abs()
+    return torch.where(away, torch.nextafter(rounded, origin.to(dtype)), rounded)
+
+
 def _look_like_probabilities(logits: Tensor) -> bool:
     """True when every row of (E, N, K) lies in [0, 1] and sums to 1 (softmax outputs)."""
     in_unit = bool(((logits >= 0) & (logits <= 1)).all())
@@ -141,7 +166,10 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
       less arithmetic: it is the faster choice where arithmetic dominates, as on a CPU
       at batch sizes above about 16, while batching wins where per-operator overhead
       does (small batches, GPUs; ``benchmarks/bench_attacks.py``). All settings give the
-      same candidates for the same random start, up to float round-off.
+      same candidates for the same random start, up to float round-off, as long as no
+      sample's output depends on the others in its batch: with BatchNorm in training
+      mode during the attack (``set_model_training_mode(batchnorm_training=True)``) the
+      batch statistics mix the candidates run together.
 
     Paper settings (NEO-KD, Ham et al., NeurIPS 2023, following Triple Wins): training uses
     max-average with 7 steps, testing 50 steps of max-average and of average; ε = 0.3,
@@ -166,7 +194,9 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
     even if the model raises; gradients come from ``torch.autograd.grad`` w.r.t. the input
     only (no parameter ``.grad`` is touched); the input is never modified; the attack runs
     under ``torch.no_grad()`` / ``torch.inference_mode()`` and with the model under
-    autocast (its logits are upcast, the loss is computed in float32 or float64).
+    autocast (its logits are upcast, the loss is computed in float32 or float64). With
+    float16 / bfloat16 images the step and projection run in float32 and are rounded
+    toward the clean image, so the result stays inside the ball and [0, 1] exactly.
     ``get_exit_logits`` returns all exits' logits for evaluation code.
 
     Args:
@@ -309,7 +339,13 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
                 )
         check_generator(generator)
 
-        super().__init__("MultiExitPGD", model)
+        # torchattacks reads the device from the first parameter and prints "Failed to set
+        # device automatically" without one; this attack reads the model's device (a
+        # parameter's or a buffer's) at call time, so that message would be wrong.
+        quiet = isinstance(model, nn.Module) and next(model.parameters(), None) is None
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+            super().__init__("MultiExitPGD", model)
+        self.device = first_device(self._exit_model)
         self.eps = eps_
         self.alpha = alpha_
         self.steps = steps_
@@ -320,6 +356,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         self.norm: ThreatModel = norm
         self.max_batch = chunk
         self._generator = generator
+        self._outputs_on_model_device = False
         self.supported_mode = ["default", "targeted"]
 
     # ------------------------------------------------------------------ torchattacks API
@@ -375,9 +412,19 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         return logits
 
     def save(self, *args: Any, **kwargs: Any) -> Any:
-        """torchattacks' ``save`` (accuracy read at the final exit), modes restored."""
-        with preserved_modes(self._exit_model):
-            return super().save(*args, **kwargs)
+        """torchattacks' ``save`` (accuracy read at the final exit), modes restored.
+
+        While it runs, the adversarial batches stay on the model's device, as
+        torchattacks' own attacks return them, so that a model on a GPU works with a data
+        loader that yields CPU tensors (torchattacks evaluates them on ``self.device``).
+        """
+        self.device = first_device(self._exit_model)
+        self._outputs_on_model_device = True
+        try:
+            with preserved_modes(self._exit_model):
+                return super().save(*args, **kwargs)
+        finally:
+            self._outputs_on_model_device = False
 
     def __call__(self, inputs: Tensor, labels: Tensor | None = None) -> Tensor:
         """Adversarial images for ``inputs`` (in [0, 1], or normalised, see the class)."""
@@ -423,7 +470,8 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
                 adv = self._max_average(x0, y, sign)
             else:
                 adv = self._one_objective(x0, y, sign)
-        return adv.detach().to(device=images.device, dtype=images.dtype)
+        out_device = device if self._outputs_on_model_device else images.device
+        return adv.detach().to(device=out_device, dtype=images.dtype)
 
     # ------------------------------------------------------------------ internals
 
@@ -456,28 +504,45 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         return logits
 
     def _random_start(self, x0: Tensor, copies: int) -> Tensor:
-        """The batch repeated ``copies`` times, (copies·B, ...), at its random start."""
+        """The batch repeated ``copies`` times, (copies·B, ...), at its random start.
+
+        The noise is drawn in the images' dtype (for a float32 model, the draws of
+        torchattacks' PGD / PGDL2 under the same seed); see ``_step`` for the arithmetic.
+        """
         x = x0.repeat(copies, *([1] * (x0.dim() - 1)))
         if not self.random_start:
             return x
         gen = self._generator
         where = x.device if gen is None else gen.device
+        work = _working_dtype(x.dtype)
+        x_work = x.to(work)
         if self.norm == "Linf":
             noise = torch.empty(x.shape, dtype=x.dtype, device=where)
             noise.uniform_(-self.eps, self.eps, generator=gen)
-            return torch.clamp(x + noise.to(x.device), min=0, max=1)
+            start = torch.clamp(x_work + noise.to(x.device, work), min=0, max=1)
+            return _round_toward(start, x_work, x.dtype)
         delta = torch.empty(x.shape, dtype=x.dtype, device=where).normal_(generator=gen)
         radius = torch.empty(x.shape[0], dtype=x.dtype, device=where).uniform_(generator=gen)
+        delta, radius = delta.to(x.device, work), radius.to(x.device, work)
         norms = delta.flatten(1).norm(p=2, dim=1)
         scale = (radius / norms * self.eps).view(-1, *([1] * (x.dim() - 1)))
-        return torch.clamp(x + (delta * scale).to(x.device), min=0, max=1)
+        start = torch.clamp(x_work + delta * scale, min=0, max=1)
+        return _round_toward(start, x_work, x.dtype)
 
     def _step(self, x: Tensor, grad: Tensor, x0: Tensor) -> Tensor:
-        """One ascent step from x followed by the projection onto the ball and [0, 1]."""
+        """One ascent step from x followed by the projection onto the ball and [0, 1].
+
+        For float16 / bfloat16 images the step runs in float32 and is rounded back toward
+        x0 (see ``_round_toward``): in float16 a small gradient's L2 norm underflows to 0
+        and torchattacks' 1e-10 guard rounds to 0, which made the step 0 / 0 = NaN, and
+        rounding to nearest could leave the ε-ball by half a unit in the last place.
+        """
+        dtype, work = x.dtype, _working_dtype(x.dtype)
+        x, grad, x0 = x.to(work), grad.to(work), x0.to(work)
         if self.norm == "Linf":
             x = x + self.alpha * grad.sign()
             delta = torch.clamp(x - x0, min=-self.eps, max=self.eps)
-            return torch.clamp(x0 + delta, min=0, max=1)
+            return _round_toward(torch.clamp(x0 + delta, min=0, max=1), x0, dtype)
         shape = (-1, *([1] * (x.dim() - 1)))
         grad_norms = grad.flatten(1).norm(p=2, dim=1) + _L2_DIVISION_EPS
         x = x + self.alpha * (grad / grad_norms.view(shape))
@@ -485,7 +550,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         delta_norms = delta.flatten(1).norm(p=2, dim=1)
         # min(1, ε / ‖δ‖); the clamp keeps ‖δ‖ = 0 (and ε = 0) from producing NaN.
         factor = torch.clamp(self.eps / delta_norms.clamp_min(1e-30), max=1.0)
-        return torch.clamp(x0 + delta * factor.view(shape), min=0, max=1)
+        return _round_toward(torch.clamp(x0 + delta * factor.view(shape), min=0, max=1), x0, dtype)
 
     def _pgd(
         self,
@@ -566,8 +631,11 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         weights = self._weights(num_exits, clean)
         starts = self._random_start(x0, num_exits)
         per_chunk = num_exits if self.max_batch is None else min(self.max_batch, num_exits)
-        candidates: list[Tensor] = []
-        scores: list[Tensor] = []
+        rows = torch.arange(batch, device=x0.device)
+        # The best candidate so far per sample and its score: (B, ...) and (B,), rather than
+        # all E candidates until the end (E·B images more at the peak of the last chunk).
+        best_adv: Tensor | None = None
+        best_score: Tensor | None = None
         moved: list[Tensor | None] = []
         for first in range(0, num_exits, per_chunk):
             last = min(first + per_chunk, num_exits)
@@ -589,12 +657,24 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
                 _fixed(row_loss),
                 sign / batch,
             )
+            moved.append(chunk_moved)
             with torch.no_grad():
                 logits = stack_exits(self.get_exit_logits(adv), name="model output")
-                scores.append(sign * (weights @ _per_exit_ce(logits, y_rep)))
-            candidates.append(adv)
-            moved.append(chunk_moved)
+                scores = (sign * (weights @ _per_exit_ce(logits, y_rep))).view(copies, batch)
+            # The chunk's best (argmax: the earliest exit on ties) replaces the best of the
+            # earlier chunks only where it is strictly better: ties go to the earliest exit.
+            pick = scores.argmax(0)
+            chunk_score = scores[pick, rows]
+            chunk_adv = adv.reshape(copies, batch, *x0.shape[1:])[pick, rows]
+            if best_adv is None or best_score is None:
+                best_adv, best_score = chunk_adv, chunk_score
+            else:
+                better = chunk_score > best_score
+                best_score = torch.where(better, chunk_score, best_score)
+                best_adv = torch.where(
+                    better.view(-1, *([1] * (x0.dim() - 1))), chunk_adv, best_adv
+                )
+            del adv, logits, scores
         self._warn_if_stuck(moved)
-        stacked = torch.cat(candidates).view(num_exits, batch, *x0.shape[1:])
-        best = torch.cat(scores).view(num_exits, batch).argmax(0)
-        return stacked[best, torch.arange(batch, device=x0.device)]
+        assert best_adv is not None
+        return best_adv

@@ -502,3 +502,143 @@ def test_model_that_detaches_its_input_raises(mode):
         MultiExitPGD(_Detached(in_features=16, num_classes=5).eval(), steps=1, mode=mode, **kwargs)(
             torch.rand(2, 16), torch.zeros(2, dtype=torch.long)
         )
+
+
+@pytest.mark.parametrize(("norm", "max_batch"), [("Linf", 1), ("L2", 1), ("L2", 2)])
+def test_max_average_chunked_matches_naive_reference(norm, max_batch):
+    model, (x, y) = _model64(), _data64()
+    eps, alpha = _eps_alpha(norm)
+    atk = MultiExitPGD(
+        model, eps=eps, alpha=alpha, steps=4, random_start=False, norm=norm, max_batch=max_batch
+    )
+    expected, choices, _ = naive_max_average(model, x, y, eps, alpha, 4, norm)
+    assert len(set(choices)) > 1
+    torch.testing.assert_close(atk(x, y), expected, rtol=0, atol=1e-8)
+
+
+class _Halves(nn.Module):
+    """Two exits, one shared head on each half of the input: a symmetric input gives two
+    different candidates (one per half) with exactly equal average losses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.fc = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return [self.fc(x[:, :4]), self.fc(x[:, 4:])]
+
+
+@pytest.mark.parametrize("max_batch", [None, 1])
+def test_max_average_ties_go_to_the_earliest_exit(max_batch):
+    model = _Halves().eval()
+    half = torch.rand(5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x, y = torch.cat([half, half], 1), torch.tensor([0, 1, 2, 0, 1])
+    adv = MultiExitPGD(
+        model, eps=0.1, alpha=0.05, steps=2, random_start=False, max_batch=max_batch
+    )(x, y)
+    _, _, candidates = naive_max_average(model, x, y, 0.1, 0.05, 2, "Linf")
+    for j, (first, second) in enumerate(candidates):
+        assert not torch.equal(first, second)  # different images ...
+        with torch.no_grad():  # ... with exactly the same average loss
+            scores = [
+                float(average_loss([1.0, 1.0])(model(c[None]), y[j])) for c in (first, second)
+            ]
+        assert scores[0] == scores[1]
+    assert torch.equal(adv[:, 4:], half) and not torch.equal(adv[:, :4], half)  # exit 0's
+
+
+@pytest.mark.parametrize("mode", ["single", "average", "max-average"])
+def test_one_exit_and_one_sample(mode):
+    """E = 1: every mode is the single attack on that exit; B = 1 works too."""
+    torch.manual_seed(1)
+    model = TinyMLPExits(in_features=12, num_classes=5, num_exits=1).double().eval()
+    x, y = _data64(3)
+    kwargs = {"exit_index": 0} if mode == "single" else {}
+    atk = MultiExitPGD(
+        model, eps=EPS_LINF, alpha=ALPHA_LINF, steps=3, random_start=False, mode=mode, **kwargs
+    )
+    expected = torch.stack(
+        [
+            naive_pgd_one_sample(model, x[j], y[j], single_loss(0), EPS_LINF, ALPHA_LINF, 3, "Linf")
+            for j in range(3)
+        ]
+    )
+    torch.testing.assert_close(atk(x, y), expected, rtol=0, atol=1e-8)
+    torch.testing.assert_close(atk(x[1:2], y[1:2]), expected[1:2], rtol=0, atol=1e-8)
+
+
+class _TupleExits(TinyMLPExits):
+    def forward(self, x):
+        return tuple(super().forward(x))
+
+
+@pytest.mark.parametrize("mode", ["average", "max-average"])
+def test_tuple_output_model_equals_list_output_model(mode):
+    torch.manual_seed(1)
+    as_list = TinyMLPExits(in_features=16, num_classes=5).eval()
+    as_tuple = _TupleExits(in_features=16, num_classes=5).eval()
+    as_tuple.load_state_dict(as_list.state_dict())
+    x, y = torch.rand(4, 16), torch.randint(0, 5, (4,))
+    kwargs = dict(steps=3, random_start=False, mode=mode)
+    torch.testing.assert_close(
+        MultiExitPGD(as_tuple, **kwargs)(x, y),
+        MultiExitPGD(as_list, **kwargs)(x, y),
+        rtol=0,
+        atol=0,
+    )
+
+
+@pytest.mark.parametrize("mode", ["single", "average", "max-average"])
+def test_strided_inputs_give_the_contiguous_result(mode):
+    model = TinyMultiExit(in_channels=3).eval()
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    kwargs = {"exit_index": 1} if mode == "single" else {}
+    atk = MultiExitPGD(model, steps=2, random_start=False, mode=mode, **kwargs)
+    expected = atk(x, y)
+    transposed = x.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other strides
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    for strided in (transposed, channels_last):
+        assert not strided.is_contiguous()
+        torch.testing.assert_close(atk(strided, y), expected, rtol=0, atol=1e-6)
+
+
+class _ZeroGradient(nn.Module):
+    """Two exits whose logits do not change with the input (gradient exactly zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        z = self.fc(torch.zeros_like(x)) + 0 * x.sum(1, keepdim=True)
+        return [z, 2 * z]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.5])
+def test_l2_zero_gradient_in_half_precision_is_not_nan(dtype, eps):
+    # In float16 the gradient norm (0) plus torchattacks' 1e-10 guard is 0: 0 / 0 = NaN.
+    model = _ZeroGradient().to(dtype).eval()
+    x, y = torch.rand(3, 16).to(dtype), torch.randint(0, 5, (3,))
+    with pytest.warns(RuntimeWarning, match="exactly zero"):
+        adv = MultiExitPGD(model, eps=eps, steps=2, norm="L2", mode="average")(x, y)
+    assert adv.dtype == dtype and not adv.isnan().any()
+    assert (adv.double() - x.double()).norm(dim=1).max() <= eps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+@pytest.mark.parametrize("mode", ["average", "max-average"])
+def test_half_precision_model_stays_inside_the_ball(dtype, norm, mode):
+    # Rounding the step to nearest in bfloat16 used to leave the ball by up to 0.002.
+    torch.manual_seed(2)
+    model = TinyMLPExits(in_features=16, num_classes=5).to(dtype).eval()
+    x, y = torch.rand(32, 16).to(dtype), torch.randint(0, 5, (32,))
+    eps = 8 / 255 if norm == "Linf" else 0.3
+    adv = MultiExitPGD(model, eps=eps, alpha=eps / 3, steps=3, norm=norm, mode=mode)(x, y)
+    delta = (adv.double() - x.double()).flatten(1)
+    size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
+    assert adv.dtype == dtype
+    assert (size <= eps).all() and (size > 0.5 * eps).any()
+    assert adv.min() >= 0 and adv.max() <= 1

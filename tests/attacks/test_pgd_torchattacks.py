@@ -234,3 +234,139 @@ def test_repr_shows_the_settings():
         "normalization_used=False",
     ]:
         assert part in text
+
+
+@pytest.mark.parametrize(
+    ("norm", "stock", "eps", "alpha"),
+    [("Linf", torchattacks.PGD, 0.1, 0.03), ("L2", torchattacks.PGDL2, 0.5, 0.2)],
+)
+@pytest.mark.parametrize("steps", [0, 3])
+def test_random_start_equals_stock_attack_under_the_same_seed(norm, stock, eps, alpha, steps):
+    """Same distribution and the same draws: uniform in the L∞ box; for L2 a Gaussian
+    direction scaled to U(0, 1)·ε, as torchattacks' PGDL2."""
+    model, (x, y) = _mlp(), _data()
+    x = x.view(-1, 1, 4, 4)
+    ours = MultiExitPGD(
+        model, eps=eps, alpha=alpha, steps=steps, mode="single", exit_index=-1, norm=norm
+    )
+    theirs = stock(ExitView(model, -1), eps=eps, alpha=alpha, steps=steps, random_start=True)
+    torch.manual_seed(11)
+    got = ours(x, y)
+    torch.manual_seed(11)
+    torch.testing.assert_close(got, theirs(x, y), rtol=0, atol=1e-6)
+    assert not torch.equal(got, x)
+
+
+def _mean_ce_per_sample(model, images, labels):
+    """Per sample, the mean over exits of the cross-entropy, one sample at a time."""
+    with torch.no_grad():
+        return [
+            sum(
+                float(nn.functional.cross_entropy(z, labels[j : j + 1]))
+                for z in model(images[j : j + 1])
+            )
+            / 3
+            for j in range(len(labels))
+        ]
+
+
+@pytest.mark.parametrize(
+    ("norm", "stock", "eps", "alpha"),
+    [("Linf", torchattacks.PGD, 0.1, 0.03), ("L2", torchattacks.PGDL2, 0.5, 0.2)],
+)
+@pytest.mark.parametrize("max_batch", [None, 1])
+def test_max_average_selects_among_stock_single_exit_attacks(norm, stock, eps, alpha, max_batch):
+    """Reference: torchattacks' own PGD on each exit's ExitView, then per sample the first
+    candidate with the largest mean cross-entropy over exits."""
+    torch.manual_seed(2)  # a network on which the choice varies for both norms
+    model, (x, y) = TinyMLPExits(in_features=16, num_classes=5).eval(), _data(16)
+    x = x.view(-1, 1, 4, 4)
+    candidates = [
+        stock(ExitView(model, i), eps=eps, alpha=alpha, steps=4, random_start=False)(x, y)
+        for i in range(3)
+    ]
+    scores = [_mean_ce_per_sample(model, c, y) for c in candidates]
+    choices = [max(range(3), key=lambda i, j=j: (scores[i][j], -i)) for j in range(len(y))]
+    assert len(set(choices)) > 1  # the selection matters on this data
+    expected = torch.stack([candidates[i][j] for j, i in enumerate(choices)])
+    ours = MultiExitPGD(
+        model, eps=eps, alpha=alpha, steps=4, random_start=False, norm=norm, max_batch=max_batch
+    )
+    torch.testing.assert_close(ours(x, y), expected, rtol=0, atol=1e-6)
+
+
+def test_targeted_random_draws_other_classes_at_the_final_exit():
+    """Reference: torchattacks' rule, a uniform draw among the K - 1 classes other than
+    the label, one torch.rand per sample from the global generator."""
+    model, (x, y) = _mlp(), _data()
+    atk = MultiExitPGD(model, eps=0.1, alpha=0.03, steps=3, random_start=False, mode="average")
+    atk.set_mode_targeted_random(quiet=True)
+    torch.manual_seed(5)
+    adv = atk(x, y)
+    torch.manual_seed(5)
+    targets = []
+    for label in y.tolist():
+        others = [k for k in range(5) if k != label]
+        targets.append(others[int(len(others) * torch.rand([1]))])
+    targets_t = torch.tensor(targets)
+    assert (targets_t != y).all() and len(set(targets)) > 1
+    by_label = MultiExitPGD(model, eps=0.1, alpha=0.03, steps=3, random_start=False, mode="average")
+    by_label.set_mode_targeted_by_label(quiet=True)
+    torch.testing.assert_close(adv, by_label(x, targets_t), rtol=0, atol=0)
+
+
+class _BuffersOnly(nn.Module):
+    """Two fixed linear exits held in buffers: no parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("w1", torch.randn(16, 5))
+        self.register_buffer("w2", torch.randn(16, 5))
+
+    def forward(self, x):
+        h = x.flatten(1)
+        return [h @ self.w1, torch.tanh(h) @ self.w2]
+
+
+def test_model_with_buffers_only(capsys):
+    model = _BuffersOnly()
+    atk = MultiExitPGD(model, eps=0.1, alpha=0.03, steps=3, mode="average")
+    assert capsys.readouterr().out == ""  # no "Failed to set device automatically"
+    assert atk.device == model.w1.device
+    x, y = _data()
+    adv = atk(x, y)
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(adv, x)
+    atk.set_mode_targeted_least_likely(quiet=True)
+    assert atk(x, y).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_set_normalization_used_accepts_low_precision_normalised_images(dtype):
+    mean, std = [0.485, 0.456], [0.229, 0.224]
+    model = _mlp().to(dtype)
+    x, y = torch.rand(32, 2, 2, 4), torch.randint(0, 5, (32,))
+    x[0], x[1] = 0.0, 1.0  # the corners, where the round trip leaves [0, 1] most
+    normalised = (
+        (x - torch.tensor(mean).view(1, 2, 1, 1)) / torch.tensor(std).view(1, 2, 1, 1)
+    ).to(dtype)
+    atk = MultiExitPGD(model, eps=0.05, alpha=0.02, steps=2, mode="average")
+    atk.set_normalization_used(mean=mean, std=std)
+    assert atk(normalised, y).dtype == dtype
+    with pytest.raises(ValueError, match="once un-normalised"):
+        atk(torch.full_like(normalised, 5.0), y)  # far outside: still caught
+
+
+@pytest.mark.cuda
+def test_save_with_a_cuda_model_and_a_cpu_loader(tmp_path):
+    model, (x, y) = _mlp(), _data(8)
+    model.cuda()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    atk = MultiExitPGD(model, eps=0.1, alpha=0.03, steps=3, random_start=False)
+    rob_acc, _, _ = atk.save(
+        loader, save_path=tmp_path / "adv.pt", verbose=False, return_verbose=True
+    )
+    saved = torch.load(tmp_path / "adv.pt")
+    assert saved["adv_inputs"].device.type == "cpu" and saved["adv_inputs"].shape == x.shape
+    assert (saved["adv_inputs"] - x).abs().max() <= 0.1 + 1e-6
+    assert 0 <= rob_acc <= 100
+    assert atk(x, y).device == x.device  # outside save(), outputs stay on the input's device
