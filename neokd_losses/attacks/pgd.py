@@ -150,7 +150,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
       (\Pi_\epsilon(x' + \alpha\, g / \lVert g \rVert_2))` with g = ∇ₓ' L per sample and
       projection = rescaling x' - x to L2 norm ≤ ε;
 
-    where L depends on ``mode`` (CE = cross-entropy of the exit logits z_i, y = labels):
+    where L, summed over the batch, depends on ``mode`` (CE = cross-entropy of the exit logits z_i, y = labels):
 
     - ``"single"``: :math:`L = \mathrm{CE}(z_i(x'), y)` for ``i = exit_index``.
     - ``"average"``: :math:`L = \sum_i w_i\,\mathrm{CE}(z_i(x'), y) / \sum_i w_i`, with
@@ -170,6 +170,10 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
       sample's output depends on the others in its batch: with BatchNorm in training
       mode during the attack (``set_model_training_mode(batchnorm_training=True)``) the
       batch statistics mix the candidates run together.
+
+    Both steps ignore the scale of L, so the sum over the batch gives the steps of
+    torchattacks' batch mean; it also keeps a float16 model's input gradients from
+    underflowing to zero (and the attack from stalling) at large batch sizes.
 
     Paper settings (NEO-KD, Ham et al., NeurIPS 2023, following Triple Wins): training uses
     max-average with 7 steps, testing 50 steps of max-average and of average; ε = 0.3,
@@ -617,8 +621,10 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         if self.steps == 0:  # nothing to ascend; still validate labels and exit_index
             with torch.no_grad():
                 build(self.get_exit_logits(x0))
-        # The mean over the batch (scale 1/B) matches torchattacks' nn.CrossEntropyLoss.
-        adv, moved = self._pgd(x0, self._random_start(x0, 1), labels, build, sign / rows)
+        # The sum over the batch, not torchattacks' mean: both steps (sign, or gradient over
+        # its per-sample norm) ignore the loss scale, and without the 1/B factor a float16
+        # model's input gradients do not underflow to zero for large batches.
+        adv, moved = self._pgd(x0, self._random_start(x0, 1), labels, build, sign)
         self._warn_if_stuck([moved])
         return adv
 
@@ -655,7 +661,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
                 starts[first * batch : last * batch],
                 y_rep,
                 _fixed(row_loss),
-                sign / batch,
+                sign,
             )
             moved.append(chunk_moved)
             with torch.no_grad():

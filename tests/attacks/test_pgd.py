@@ -642,3 +642,32 @@ def test_half_precision_model_stays_inside_the_ball(dtype, norm, mode):
     assert adv.dtype == dtype
     assert (size <= eps).all() and (size > 0.5 * eps).any()
     assert adv.min() >= 0 and adv.max() <= 1
+
+
+class _FaintExits(nn.Module):
+    """Two float16 exits with weights of order 1e-5: input gradients near fp16's floor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 5)
+        with torch.no_grad():
+            self.fc.weight.uniform_(-2e-5, 2e-5)
+
+    def forward(self, x):
+        z = self.fc(x)
+        return [z, 2 * z]
+
+
+@pytest.mark.parametrize("mode", ["single", "average", "max-average"])
+def test_float16_gradients_of_a_large_batch_do_not_underflow(mode):
+    # Per sample, ∂CE/∂x is about 1e-5 here, which float16 holds (as a subnormal); scaled
+    # by 1/B for a batch mean with B = 512 it would round to 0 and the attack would stall.
+    torch.manual_seed(0)
+    model = _FaintExits().half().eval()
+    x = (0.1 + 0.8 * torch.rand(512, 16)).half()
+    y = torch.randint(0, 5, (512,))
+    kwargs = {"exit_index": 0} if mode == "single" else {}
+    atk = MultiExitPGD(model, eps=0.1, alpha=0.05, steps=1, random_start=False, mode=mode, **kwargs)
+    adv = atk(x, y)
+    moved = (adv != x).double().mean().item()
+    assert moved > 0.9, f"only {moved:.1%} of the pixels moved"
