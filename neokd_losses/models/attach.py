@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
@@ -95,13 +96,57 @@ def _static_channels(backbone: nn.Module, target: nn.Module) -> int | None:
     return channels
 
 
+class _TapSession(threading.local):
+    """What the forward hooks of one :class:`AttachedExits` need while its forward runs.
+
+    The hooks on the backbone hold this object, not the wrapper, so the backbone keeps no
+    wrapper (nor its heads) alive once the wrapper is gone. ``taps`` and ``heads`` are set
+    for the duration of one forward and are per thread: ``nn.DataParallel`` runs its
+    replicas, which share these hooks, in threads at once, each with its own heads.
+    Copies and pickles start empty, as the state only exists during a forward.
+    """
+
+    def __init__(self) -> None:
+        self.taps: list[tuple[int, Tensor]] | None = None
+        self.heads: nn.ModuleList | None = None
+        self.channels: tuple[int, ...] = ()
+        self.layers: tuple[str, ...] = ()
+
+    def __reduce__(self) -> tuple[type[_TapSession], tuple[()]]:
+        return (_TapSession, ())
+
+
+def _tap(session: _TapSession, index: int, module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook of exit ``index``: apply its head while the wrapper's forward runs."""
+    taps, heads = session.taps, session.heads
+    if taps is None or heads is None:  # the backbone runs on its own: do nothing
+        return
+    name = session.layers[index]
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"layer {name!r} returned {type(output).__name__}, but an exit head needs a "
+            "Tensor (B, C, ...); attach the exit to a layer that returns one tensor."
+        )
+    if output.dim() < 2 or output.shape[1] != session.channels[index]:
+        raise ValueError(
+            f"layer {name!r} produced features of shape {tuple(output.shape)}, but its exit "
+            f"head was built for {session.channels[index]} channels (dimension 1). Pass "
+            "`example_input=` to attach_exits to measure the channels instead of guessing."
+        )
+    taps.append((index, heads[index](output)))
+
+
 class AttachedExits(nn.Module):
     """A backbone with exit heads attached to named layers; built by :func:`attach_exits`.
 
     Forward hooks on the named layers apply each head as soon as its layer has run, so the
     exits are computed in execution order (which is what
     :func:`~neokd_losses.evaluation.flops.exit_costs` and early exiting expect). The hooks
-    act only while this wrapper runs; calling the backbone on its own is unaffected.
+    act only while this wrapper runs; calling the backbone on its own is unaffected. They
+    hold no reference to the wrapper (a discarded wrapper and its heads are freed, leaving
+    inert hooks on the backbone), and their state is per thread, so ``nn.DataParallel``
+    replicas and concurrent calls from several threads are safe. ``copy.deepcopy``,
+    ``torch.save`` and ``torch.compile`` (one graph) work on the wrapper.
 
     Attributes:
         backbone: the wrapped network (shared, not copied).
@@ -144,27 +189,10 @@ class AttachedExits(nn.Module):
         self.num_classes = num_classes
         self.include_output = include_output
         self._channels = tuple(channels)
-        self._taps: list[tuple[int, Tensor]] | None = None
+        self._session = _TapSession()
         modules = dict(backbone.named_modules())
         for index, name in enumerate(self.layers):
-            modules[name].register_forward_hook(partial(self._tap, index))
-
-    def _tap(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
-        if self._taps is None:  # the backbone runs on its own: do nothing
-            return
-        name = self.layers[index]
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"layer {name!r} returned {type(output).__name__}, but an exit head needs a "
-                "Tensor (B, C, ...); attach the exit to a layer that returns one tensor."
-            )
-        if output.dim() < 2 or output.shape[1] != self._channels[index]:
-            raise ValueError(
-                f"layer {name!r} produced features of shape {tuple(output.shape)}, but its exit "
-                f"head was built for {self._channels[index]} channels (dimension 1). Pass "
-                "`example_input=` to attach_exits to measure the channels instead of guessing."
-            )
-        self._taps.append((index, self.heads[index](output)))
+            modules[name].register_forward_hook(partial(_tap, self._session, index))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Exit logits in execution order, then the backbone's output if ``include_output``.
@@ -173,12 +201,14 @@ class AttachedExits(nn.Module):
             ValueError: if a named layer did not run exactly once, or the backbone's own
                 output (with ``include_output``) is not (B, K).
         """
-        self._taps = []
+        session = self._session
+        session.taps, session.heads = [], self.heads
+        session.channels, session.layers = self._channels, self.layers
         try:
             output = self.backbone(x)
-            taps = self._taps
+            taps = session.taps
         finally:
-            self._taps = None
+            session.taps = session.heads = None
         fired = [index for index, _ in taps]
         if len(fired) != len(self.layers) or len(set(fired)) != len(fired):
             runs = {name: fired.count(i) for i, name in enumerate(self.layers)}

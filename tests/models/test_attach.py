@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -82,7 +83,7 @@ def test_backbone_alone_is_unaffected_by_the_hooks() -> None:
     before = net(x)
     model = attach_exits(net, _STAGES, num_classes=3)
     torch.testing.assert_close(net(x), before)
-    assert model._taps is None
+    assert model._session.taps is None
 
 
 def test_msdnet_head_and_custom_factory() -> None:
@@ -223,3 +224,73 @@ def test_multi_exit_pgd_attacks_a_wrapped_resnet() -> None:
     x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 10, (2,))
     adv = MultiExitPGD(model, eps=8 / 255, alpha=2 / 255, steps=1, mode="average")(x, y)
     assert adv.shape == x.shape and (adv - x).abs().max() <= 8 / 255 + 1e-6
+
+
+def test_a_discarded_wrapper_and_its_heads_are_freed() -> None:
+    # The hooks stay on the backbone; they must not keep the wrapper (and its heads) alive.
+    import gc
+    import weakref
+
+    net = _stack()
+    model = attach_exits(net, ["1", "3"], num_classes=4)
+    model(torch.rand(1, 3, 8, 8))
+    wrapper, head = weakref.ref(model), weakref.ref(model.heads[0])
+    del model
+    gc.collect()
+    assert wrapper() is None and head() is None
+    again = attach_exits(net, ["1", "3"], num_classes=4)  # a new wrapper on the same backbone
+    assert [z.shape for z in again(torch.rand(2, 3, 8, 8))] == [(2, 4), (2, 4)]
+
+
+class _Rendezvous(nn.Module):
+    """Holds every calling thread until all of them have reached it (mid-forward)."""
+
+    def __init__(self, parties: int) -> None:
+        super().__init__()
+        self.barrier = threading.Barrier(parties, timeout=30)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.barrier.wait()
+        return x
+
+
+def test_concurrent_forwards_from_threads_get_their_own_exits() -> None:
+    # nn.DataParallel runs its replicas, which share the backbone's hooks, in threads. Both
+    # threads here are inside the backbone at once, after the tapped layer has run.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), _Rendezvous(2), nn.Conv2d(4, 4, 3))
+    model = attach_exits(net, ["1", "3"], num_classes=5).eval()
+    inputs = [torch.rand(2, 3, 8, 8), torch.rand(3, 3, 8, 8)]
+    results: dict[int, list[Tensor]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with torch.no_grad():
+                results[i] = model(inputs[i])
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    net[2] = nn.Identity()  # no rendezvous for the sequential reference
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            f1 = net[1](net[0](x))
+            f3 = net[3](net[2](f1))
+            expected = [model.heads[0](f1), model.heads[1](f3)]
+            for got, want in zip(results[i], expected, strict=True):
+                torch.testing.assert_close(got, want)
+
+
+def test_torch_save_of_the_whole_wrapper_round_trips(tmp_path) -> None:
+    model = attach_exits(_stack(), ["1", "3"], num_classes=4).eval()
+    x = torch.rand(2, 3, 8, 8)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for a, b in zip(loaded(x), model(x), strict=True):
+        torch.testing.assert_close(a, b)
+    assert loaded._session is not model._session
