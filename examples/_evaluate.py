@@ -273,6 +273,16 @@ def write_results(results: dict[str, Any], out_dir: Path, *, plots: bool = True)
         write_plots(results, out_dir / "plots")
 
 
+RESULT_FILES = (
+    "results.json",
+    "results.md",
+    "plots/budget.png",
+    "plots/transferability.png",
+    "plots/exits.png",
+)
+"""What :func:`write_results` writes, relative to the run directory."""
+
+
 def write_plots(results: dict[str, Any], folder: Path) -> None:
     from neokd_losses.evaluation import plots as P
 

@@ -44,6 +44,7 @@ from _config import (
     parse_override,
 )
 from _data import DatasetError, EpochSeeded, ShardedSampler, Splits, build_splits
+from _evaluate import RESULT_FILES
 from _logging import RunLog
 from _methods import build_criterion
 from _models import build_model
@@ -405,7 +406,10 @@ def run(
         log.info(f"resumed {ckpt_path} at epoch {start_epoch + 1}, batch {start_batch}")
     elif env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / LOG).unlink(missing_ok=True)
+        # A fresh start (or --overwrite) leaves nothing of an earlier run beside the new
+        # checkpoint: not its log, and not its results, which --no-eval would not replace.
+        for stale in (LOG, *RESULT_FILES):
+            (out_dir / stale).unlink(missing_ok=True)
         (out_dir / "config.toml").write_text(dumps_toml(config))
     if env.is_main:
         log.info(

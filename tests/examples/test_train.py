@@ -153,6 +153,23 @@ def test_resume_refuses_a_different_config(tiny_config: Any, reference: Config) 
         train.run(tiny_config("fresh"), resume=True, progress=False, quiet=True)
 
 
+def test_overwrite_leaves_no_results_of_the_earlier_run(
+    tiny_config: Any, reference: Config
+) -> None:
+    # With --no-eval nothing would replace them: stale results beside a new checkpoint.
+    stale = ["results.json", "results.md", "plots/budget.png", "plots/exits.png"]
+    for name in stale:
+        (reference.out_dir / name).parent.mkdir(exist_ok=True)
+        (reference.out_dir / name).write_text("from the earlier run")
+    mine = reference.out_dir / "plots" / "notes.txt"  # not ours: left alone
+    mine.write_text("user file")
+    outcome = train.run(reference, overwrite=True, progress=False, quiet=True, evaluate=False)
+    assert outcome.status == "finished"
+    assert [n for n in stale if (reference.out_dir / n).exists()] == []
+    assert mine.read_text() == "user file"
+    assert (reference.out_dir / train.CHECKPOINT).is_file()
+
+
 def test_non_finite_loss_stops_with_batch_index_and_checkpoint(
     tiny_config: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
