@@ -23,6 +23,7 @@ __all__ = [
     "as_exit_weights",
     "check_coefficient",
     "check_exit_index",
+    "check_positive_int",
     "check_reduction",
     "check_same_exits",
     "check_targets",
@@ -198,6 +199,15 @@ def as_exit_weights(
     if not _is_compiling() and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
         raise ValueError(f"`{name}` must be finite and non-negative, got {w.tolist()}.")
     return w
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` if it is an int >= 1; raise TypeError / ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    return value
 
 
 def check_temperature(temperature: float) -> float:

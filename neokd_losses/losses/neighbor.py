@@ -15,6 +15,7 @@ from .._exits import (
     ExitWeights,
     Reduction,
     as_exit_weights,
+    check_positive_int,
     check_reduction,
     check_same_exits,
     check_temperature,
@@ -39,7 +40,8 @@ def neighbor_weights(num_exits: int) -> Tensor:
         A float32 tensor (E, E) whose rows sum to 1.
 
     Raises:
-        ValueError: if ``num_exits`` is not an int >= 1.
+        TypeError: if ``num_exits`` is not an int.
+        ValueError: if ``num_exits`` < 1.
 
     Shape:
         - output: (E, E); row i mixes the clean predictions (E, B, K) into exit i's
@@ -52,8 +54,7 @@ def neighbor_weights(num_exits: int) -> Tensor:
                 [0.0000, 0.3333, 0.3333, 0.3333],
                 [0.0000, 0.0000, 0.5000, 0.5000]])
     """
-    if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
-        raise ValueError(f"`num_exits` must be an int >= 1, got {num_exits!r}.")
+    check_positive_int(num_exits, "num_exits")
     idx = torch.arange(num_exits)
     adjacent = (idx[:, None] - idx[None, :]).abs() <= 1
     weights = adjacent.float()

@@ -21,6 +21,7 @@ from .._exits import (
     Reduction,
     _is_compiling,
     as_exit_weights,
+    check_positive_int,
     check_reduction,
     check_same_exits,
     check_targets,
@@ -58,8 +59,9 @@ def orthogonal_label_mask(
         A bool tensor (E, B, K), True where exit e keeps class k for sample b.
 
     Raises:
-        TypeError: if ``targets`` is not an integer tensor.
-        ValueError: if K - 1 < E, or ``targets`` has the wrong shape or range.
+        TypeError: if ``targets`` is not an integer tensor, or ``num_exits`` /
+            ``num_classes`` is not an int.
+        ValueError: if E or K < 1, K - 1 < E, or ``targets`` has the wrong shape or range.
 
     Shape:
         - targets: (B,).
@@ -74,9 +76,8 @@ def orthogonal_label_mask(
         >>> bool(mask[:, 0, 0].all())  # the target class is kept by every exit
         True
     """
-    for name, value in (("num_exits", num_exits), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    check_positive_int(num_exits, "num_exits")
+    check_positive_int(num_classes, "num_classes")
     per_exit = (num_classes - 1) // num_exits
     if per_exit < 1:
         raise ValueError(

@@ -7,16 +7,9 @@ import numbers
 
 from torch import Tensor
 
+from neokd_losses._exits import check_positive_int
+
 __all__ = ["check_image_input", "check_positive_int", "check_real"]
-
-
-def check_positive_int(value: object, name: str) -> int:
-    """Return ``value`` if it is an int >= 1; raise TypeError / ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}.")
-    if value < 1:
-        raise ValueError(f"`{name}` must be >= 1, got {value}.")
-    return value
 
 
 def check_real(value: object, name: str) -> float:

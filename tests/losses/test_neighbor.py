@@ -123,6 +123,9 @@ def test_torch_compile() -> None:
 def test_invalid_num_exits() -> None:
     with pytest.raises(ValueError, match="num_exits"):
         neighbor_weights(0)
+    for wrong_kind in (2.0, True, "3"):
+        with pytest.raises(TypeError, match="`num_exits` must be an int"):
+            neighbor_weights(wrong_kind)
 
 
 def test_autocast_keeps_the_teacher_mix_in_float32() -> None:

@@ -77,11 +77,17 @@ def test_too_few_classes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"), [({"num_exits": 0}, "num_exits"), ({"num_classes": 0}, "num_classes")]
+    ("kwargs", "error", "match"),
+    [
+        ({"num_exits": 0}, ValueError, "num_exits"),
+        ({"num_classes": 0}, ValueError, "num_classes"),
+        ({"num_exits": 2.0}, TypeError, "`num_exits` must be an int, got float"),
+        ({"num_classes": True}, TypeError, "`num_classes` must be an int, got bool"),
+    ],
 )
-def test_bad_sizes(kwargs: dict[str, int], match: str) -> None:
+def test_bad_sizes(kwargs: dict[str, object], error: type[Exception], match: str) -> None:
     args = {"num_exits": 2, "num_classes": 5} | kwargs
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         orthogonal_label_mask(torch.tensor([0]), **args)
 
 
