@@ -17,6 +17,8 @@ entries summarises transferability (CIFAR-100, 7 exits: 23.68 % without distilla
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 
@@ -95,18 +97,19 @@ def transferability_matrix(
         (torch.Size([2, 2]), True)
     """
     check_model(model)
-    # Validate the attack arguments before touching the data (exit 0 always exists).
-    MultiExitPGD(
+    single_exit_attack = partial(
+        MultiExitPGD,
         model,
         eps=eps,
         alpha=alpha,
         steps=steps,
         random_start=random_start,
         mode="single",
-        exit_index=0,
         norm=norm,
         generator=generator,
     )
+    # Validate the attack arguments before touching the data (exit 0 always exists).
+    single_exit_attack(exit_index=0)
     target = resolve_device(model, device)
     wrong: Tensor | None = None  # (E, E): attacked exit i, evaluated exit j
     attacks: list[MultiExitPGD] = []
@@ -119,20 +122,7 @@ def transferability_matrix(
                 continue
             if not attacks:
                 num_exits, _, num_classes = forward_exits(model, images[:1]).shape
-                attacks = [
-                    MultiExitPGD(
-                        model,
-                        eps=eps,
-                        alpha=alpha,
-                        steps=steps,
-                        random_start=random_start,
-                        mode="single",
-                        exit_index=i,
-                        norm=norm,
-                        generator=generator,
-                    )
-                    for i in range(num_exits)
-                ]
+                attacks = [single_exit_attack(exit_index=i) for i in range(num_exits)]
             check_labels(labels, num_classes)  # before the attacks use them
             rows = []
             for attack in attacks:
