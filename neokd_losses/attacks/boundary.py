@@ -21,13 +21,13 @@ from torch import Tensor, nn
 from torchattacks.attack import Attack
 
 from neokd_losses._exits import check_targets
-from neokd_losses.attacks._common import (
+from neokd_losses._validation import (
     RANGE_TOLERANCE,
-    as_int,
-    as_real,
     check_generator,
     check_image_kind,
     check_image_range,
+    check_int,
+    check_real,
     module_device,
     preserved_modes,
     upcast,
@@ -183,15 +183,15 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
             raise TypeError(
                 f"`model` must be an nn.Module returning logits (B, K), got {type(model).__name__}."
             )
-        eta_ = as_real(eta, "eta")
+        eta_ = check_real(eta, "eta")
         if not (eta_ > 0 and eta_ != float("inf")):
             raise ValueError(
                 f"`eta` (the step-size factor) must be a finite number > 0, got {eta!r}."
             )
-        steps = as_int(max_steps, "max_steps")
+        steps = check_int(max_steps, "max_steps")
         if steps < 1:
             raise ValueError(f"`max_steps` must be >= 1, got {max_steps!r}.")
-        targets = as_int(num_targets, "num_targets")
+        targets = check_int(num_targets, "num_targets")
         if targets < 1:
             raise ValueError(f"`num_targets` must be >= 1, got {num_targets!r}.")
         if sampling not in _SAMPLINGS:

@@ -29,13 +29,13 @@ from neokd_losses._exits import (
     check_targets,
     stack_exits,
 )
-from neokd_losses.attacks._common import (
+from neokd_losses._validation import (
     RANGE_TOLERANCE,
-    as_int,
-    as_real,
     check_generator,
     check_image_kind,
     check_image_range,
+    check_int,
+    check_real,
     first_device,
     module_device,
     preserved_modes,
@@ -287,13 +287,13 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         max_batch: int | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        eps_ = as_real(eps, "eps")
+        eps_ = check_real(eps, "eps")
         if eps_ < 0:
             raise ValueError(f"`eps` must be >= 0, got {eps!r}.")
-        alpha_ = as_real(alpha, "alpha")
+        alpha_ = check_real(alpha, "alpha")
         if alpha_ <= 0:
             raise ValueError(f"`alpha` (the step size) must be > 0, got {alpha!r}.")
-        steps_ = as_int(steps, "steps")
+        steps_ = check_int(steps, "steps")
         if steps_ < 0:
             raise ValueError(f"`steps` must be >= 0, got {steps!r}.")
         if not isinstance(random_start, bool):
@@ -313,7 +313,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
                     "mode='single' attacks one exit: pass `exit_index` (e.g. -1 for the "
                     "final exit), got None."
                 )
-            index = as_int(exit_index, "exit_index")
+            index = check_int(exit_index, "exit_index")
         elif exit_index is not None:
             raise ValueError(
                 f"`exit_index` is only used by mode='single', got exit_index={exit_index!r} "
@@ -335,7 +335,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
             weights = tuple(float(v) for v in w.tolist())
         chunk: int | None = None
         if max_batch is not None:
-            chunk = as_int(max_batch, "max_batch")
+            chunk = check_int(max_batch, "max_batch")
             if chunk < 1:
                 raise ValueError(
                     f"`max_batch` (candidate copies of the batch processed at once) must be "

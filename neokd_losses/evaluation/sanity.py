@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from neokd_losses._exits import stack_exits
+from neokd_losses._validation import check_real
 from neokd_losses.attacks.pgd import AttackMode, MultiExitPGD, ThreatModel
 from neokd_losses.evaluation._loader import (
     Loader,
@@ -135,11 +136,7 @@ class SanityReport:
 
 
 def _positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}.")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-    return float(value)
+    return check_real(value, name, low=0.0, low_open=True)
 
 
 def _zero_gradient_fraction(

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._cross_entropy import soft_cross_entropy
 from .._exits import (
     ExitLogits,
     ExitWeights,
@@ -31,7 +32,6 @@ from .._exits import (
     reduce_exits,
     stack_exits,
 )
-from ._soft import soft_cross_entropy
 
 __all__ = [
     "ARDLoss",

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._cross_entropy import soft_cross_entropy
 from .._exits import (
     ExitLogits,
     ExitWeights,
@@ -26,7 +27,6 @@ from .._exits import (
     reduce_exits,
     stack_exits,
 )
-from ._soft import soft_cross_entropy
 
 __all__ = ["BSSDistillationLoss", "bss_kd_loss", "bss_weight_schedule"]
 

@@ -19,7 +19,6 @@ from .._exits import (
     ExitLogits,
     ExitWeights,
     Reduction,
-    _is_compiling,
     as_exit_weights,
     check_positive_int,
     check_reduction,
@@ -29,6 +28,7 @@ from .._exits import (
     reduce_exits,
     stack_exits,
 )
+from .._validation import is_compiling
 
 __all__ = ["ExitwiseOrthogonalKD", "exitwise_orthogonal_kd", "orthogonal_label_mask"]
 
@@ -118,7 +118,7 @@ def _argsort_rows(scores: Tensor) -> Tensor:
     differently. Either order is a valid draw. CUDA tensors and traced code
     (torch.compile) use torch.argsort.
     """
-    if scores.device.type == "cpu" and not _is_compiling():
+    if scores.device.type == "cpu" and not is_compiling():
         try:
             import numpy as np
         except ImportError:  # pragma: no cover - numpy is optional for torch

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from neokd_losses.models._checks import check_positive_int
+from neokd_losses._validation import check_positive_int
 
 __all__ = ["AttachedExits", "HeadFactory", "attach_exits"]
 

@@ -22,7 +22,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-from neokd_losses.models._checks import check_image_input, check_positive_int, check_real
+from neokd_losses._validation import check_image_input, check_positive_int, check_real
 
 __all__ = [
     "MSDNet",

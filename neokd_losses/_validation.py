@@ -1,0 +1,382 @@
+"""The one place for argument and input checks.
+
+Every public function and constructor of the package validates through these helpers,
+so one rule holds everywhere: a number is a real, finite ``int``/``float`` (or a
+one-element real tensor); a bool, a string, a complex number, NaN and infinity are
+refused. Kinds raise ``TypeError``, values raise ``ValueError``, and every message
+names the argument, what was expected and what was received, and the fix where one
+exists.
+
+Checks that read tensor values (label ranges, weights) are skipped while
+``torch.compile`` traces the caller, since they would force a graph break.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import numbers
+import operator
+from collections.abc import Iterator, Sequence
+from typing import Literal, Union, get_args
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "RANGE_TOLERANCE",
+    "ExitWeights",
+    "Reduction",
+    "as_exit_weights",
+    "check_bool",
+    "check_coefficient",
+    "check_exit_index",
+    "check_generator",
+    "check_image_input",
+    "check_image_kind",
+    "check_image_range",
+    "check_int",
+    "check_positive_int",
+    "check_real",
+    "check_reduction",
+    "check_targets",
+    "check_temperature",
+    "first_device",
+    "is_compiling",
+    "module_device",
+    "preserved_modes",
+    "upcast",
+]
+
+ExitWeights = Union[Sequence[float], Tensor, None]
+"""Per-exit weights (the paper's gamma): E non-negative numbers, or None for all ones."""
+
+Reduction = Literal["mean", "sum", "none"]
+_REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+RANGE_TOLERANCE = 1e-5
+"""Round-off allowed outside [0, 1] after undoing ``set_normalization_used`` (at least;
+``check_image_range`` allows a few units in the last place of low-precision dtypes)."""
+
+
+def is_compiling() -> bool:
+    """True while torch.compile traces the caller (data-dependent checks are skipped)."""
+    return bool(torch.compiler.is_compiling())
+
+
+# --------------------------------------------------------------------------- scalars
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _bound(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """The interval as words: "> 0", ">= 0", "in [0, 1]", or "" without bounds."""
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"{'>' if low_open else '>='} {low:g}"
+    if high is not None:
+        return f"{'<' if high_open else '<='} {high:g}"
+    return ""
+
+
+def check_real(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """``value`` as a finite float inside an optional interval.
+
+    Accepted: ``int``, ``float``, any ``numbers.Real`` (NumPy scalars too) and
+    one-element real tensors. Refused with ``TypeError``: bools, strings, complex numbers
+    and every other kind. Refused with ``ValueError``: NaN, ±inf, and values outside
+    ``[low, high]`` (``low_open`` / ``high_open`` exclude the end points).
+
+    Example:
+        >>> check_real(0.5, "alpha", low=0.0, high=1.0)
+        0.5
+        >>> check_real("3", "alpha")
+        Traceback (most recent call last):
+        ...
+        TypeError: `alpha` must be a real number, got str '3'.
+    """
+    bound = _bound(low, high, low_open, high_open)
+    is_real_tensor = (
+        isinstance(value, Tensor)
+        and value.numel() == 1
+        and not value.is_complex()
+        and value.dtype != torch.bool
+    )
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or is_real_tensor):
+        expected = f"a real number {bound}" if low_open else "a real number"
+        raise TypeError(f"`{name}` must be {expected}, got {_describe(value)}.")
+    result = float(value)  # type: ignore[arg-type]
+    below = low is not None and (result <= low if low_open else result < low)
+    above = high is not None and (result >= high if high_open else result > high)
+    if not math.isfinite(result) or below or above:
+        if not bound:
+            raise ValueError(f"`{name}` must be finite, got {value!r}.")
+        expected = f"a number {bound}" if high is not None else f"a finite number {bound}"
+        raise ValueError(f"`{name}` must be {expected}, got {value!r}.")
+    return result
+
+
+def check_int(value: object, name: str, *, low: int | None = None) -> int:
+    """``value`` as an int (>= ``low`` when given); TypeError for bools, floats, strings."""
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got bool {value!r}.")
+    try:
+        result = operator.index(value)  # type: ignore[arg-type]
+    except TypeError as err:
+        raise TypeError(f"`{name}` must be an int, got {_describe(value)}.") from err
+    if low is not None and result < low:
+        raise ValueError(f"`{name}` must be >= {low}, got {result}.")
+    return result
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` if it is an int >= 1; raise TypeError / ValueError otherwise."""
+    return check_int(value, name, low=1)
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a bool; raise TypeError otherwise (no truthiness)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {_describe(value)}.")
+    return value
+
+
+def check_temperature(temperature: object, name: str = "temperature") -> float:
+    """A finite temperature T > 0."""
+    return check_real(temperature, name, low=0.0, low_open=True)
+
+
+def check_coefficient(name: str, value: object, *, at_most_one: bool = False) -> float:
+    """A finite coefficient >= 0 (and <= 1 with ``at_most_one``)."""
+    return check_real(value, name, low=0.0, high=1.0 if at_most_one else None)
+
+
+def check_reduction(reduction: object) -> Reduction:
+    """Return ``reduction`` if it is "mean", "sum" or "none", else raise a ValueError."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"`reduction` must be one of {', '.join(repr(r) for r in _REDUCTIONS)}, "
+            f"got {reduction!r}."
+        )
+    return reduction  # type: ignore[return-value]
+
+
+def check_exit_index(exit_index: object, num_exits: int) -> int:
+    """Return ``exit_index`` made non-negative, or raise a ValueError if it is out of range.
+
+    Negative indices count from the last exit, as in Python: -1 is exit E - 1.
+    """
+    index = check_int(exit_index, "exit_index")
+    if not -num_exits <= index < num_exits:
+        raise ValueError(
+            f"`exit_index` must lie in [{-num_exits}, {num_exits}) for a model with "
+            f"{num_exits} exits, got {index}."
+        )
+    return index % num_exits
+
+
+def check_generator(generator: object) -> None:
+    """TypeError unless ``generator`` is a ``torch.Generator`` or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"`generator` must be a torch.Generator or None, got {type(generator).__name__}."
+        )
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def check_targets(
+    targets: object, batch_size: int, num_classes: int, name: str = "targets"
+) -> None:
+    """Check class-index targets: an integer tensor (B,) with values in [0, K).
+
+    The value-range check reads the tensor's minimum and maximum (a device sync on CUDA);
+    it is skipped while ``torch.compile`` traces the function.
+
+    Raises:
+        TypeError: if ``targets`` is not an integer tensor.
+        ValueError: if its shape is not (B,) or a value lies outside [0, K).
+    """
+    if not isinstance(targets, Tensor):
+        raise TypeError(
+            f"`{name}` must be a Tensor of class indices (B,), got {type(targets).__name__}."
+        )
+    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+        raise TypeError(
+            f"`{name}` must hold integer class indices (torch.long), got dtype {targets.dtype}. "
+            "Soft or one-hot targets are not accepted; pass `targets.argmax(-1)`."
+        )
+    if targets.shape != (batch_size,):
+        raise ValueError(
+            f"`{name}` must have shape (B,) = ({batch_size},) to match the logits, "
+            f"got {tuple(targets.shape)}."
+        )
+    if batch_size and not is_compiling():
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"`{name}` must lie in [0, {num_classes}) for K = {num_classes} classes, "
+                f"got values in [{low}, {high}]."
+            )
+
+
+def as_exit_weights(
+    weights: ExitWeights,
+    num_exits: int | None = None,
+    name: str = "exit_weights",
+) -> Tensor | None:
+    """Validate per-exit weights and return them as a float tensor (E,), or None.
+
+    Args:
+        weights: E non-negative finite numbers, or None (all exits weigh 1).
+        num_exits: the expected E; not checked when None (at construction time).
+        name: the argument's name, used in error messages.
+
+    Raises:
+        TypeError: if ``weights`` is not a sequence of numbers or a tensor.
+        ValueError: if it is not 1-D, has the wrong length, or holds a negative or
+            non-finite value.
+    """
+    if weights is None:
+        return None
+    if isinstance(weights, Tensor):
+        w = weights.detach()
+        if w.is_complex() or w.dtype == torch.bool:
+            raise TypeError(f"`{name}` must hold real numbers, got dtype {w.dtype}.")
+        if not w.is_floating_point():
+            w = w.to(torch.get_default_dtype())
+    elif isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)):
+        if any(isinstance(v, Sequence) and not isinstance(v, (str, bytes)) for v in weights):
+            shape = (len(weights), *{len(v) for v in weights if isinstance(v, Sequence)})
+            raise ValueError(f"`{name}` must be 1-D (E,), got nested sequences of shape {shape}.")
+        values = [check_real(v, f"{name}[{i}]") for i, v in enumerate(weights)]
+        w = torch.tensor(values, dtype=torch.get_default_dtype())
+    else:
+        raise TypeError(
+            f"`{name}` must be a sequence of E numbers or a 1-D tensor, got {type(weights).__name__}."
+        )
+    if w.dim() != 1:
+        raise ValueError(f"`{name}` must be 1-D (E,), got shape {tuple(w.shape)}.")
+    if num_exits is not None and w.numel() != num_exits:
+        raise ValueError(
+            f"`{name}` must have one weight per exit: expected {num_exits}, got {w.numel()}."
+        )
+    if not is_compiling() and (not bool(torch.isfinite(w).all()) or bool((w < 0).any())):
+        raise ValueError(f"`{name}` must be finite and non-negative, got {w.tolist()}.")
+    return w
+
+
+def check_image_kind(images: object, name: str = "images") -> None:
+    """TypeError / ValueError unless ``images`` is a floating tensor batch (B, ...)."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"`{name}` must be a Tensor (B, ...), got {type(images).__name__}.")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"`{name}` must be floating point in [0, 1], got dtype {images.dtype}. "
+            "Convert 8-bit images with `images.float() / 255`."
+        )
+    if images.dim() < 2:
+        raise ValueError(
+            f"`{name}` must be a batch (B, ...) with at least 2 dimensions, "
+            f"got shape {tuple(images.shape)}."
+        )
+
+
+def check_image_range(images: Tensor, tolerance: float, *, normalised: bool) -> None:
+    """ValueError unless ``images`` lies in [0, 1] (up to ``tolerance``).
+
+    ``normalised`` says the values were recovered by undoing ``set_normalization_used``,
+    which changes the advice in the message and widens the tolerance to a few units in
+    the last place of the images' dtype: normalising a float16 / bfloat16 image and
+    undoing it rounds twice (by up to about 0.002 near 0 and 1 in bfloat16).
+    """
+    if images.numel() == 0:
+        return
+    if normalised:
+        tolerance = max(tolerance, 4 * torch.finfo(images.dtype).eps)
+    low, high = (float(v) for v in torch.aminmax(images.detach()))
+    if low >= -tolerance and high <= 1 + tolerance:
+        return
+    if normalised:
+        raise ValueError(
+            "`images` must be normalised with the mean and std given to "
+            "set_normalization_used, i.e. lie in [0, 1] once un-normalised; got values "
+            f"in [{low:.6g}, {high:.6g}] after un-normalising."
+        )
+    raise ValueError(
+        f"`images` must lie in [0, 1], got values in [{low:.6g}, {high:.6g}]. Scale "
+        "them to [0, 1]; if the model expects normalised inputs, pass [0, 1] images to a "
+        "model that normalises, or use set_normalization_used(mean, std)."
+    )
+
+
+def check_image_input(x: object, channels: int, size: tuple[int, int], model: str) -> None:
+    """Raise unless ``x`` is a floating-point image batch (B, channels, *size)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{model} expects a Tensor (B, {channels}, {size[0]}, {size[1]}), "
+            f"got {type(x).__name__}."
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{model} expects floating-point images, got dtype {x.dtype}. "
+            "Convert with `x.float() / 255` for 8-bit images."
+        )
+    if x.dim() != 4 or x.shape[1] != channels or (x.shape[2], x.shape[3]) != size:
+        hint = (
+            " Add a batch dimension with `x.unsqueeze(0)`."
+            if x.dim() == 3
+            else " Resize the images, or build the model for this size and channel count."
+        )
+        raise ValueError(
+            f"{model} expects input of shape (B, {channels}, {size[0]}, {size[1]}), "
+            f"got {tuple(x.shape)}.{hint}"
+        )
+
+
+def upcast(logits: Tensor) -> Tensor:
+    """float16 / bfloat16 logits (autocast) to float32; float32 and float64 unchanged."""
+    return logits.float() if logits.dtype in _LOW_PRECISION else logits
+
+
+# --------------------------------------------------------------------------- modules
+
+
+@contextlib.contextmanager
+def preserved_modes(module: nn.Module) -> Iterator[None]:
+    """Restore the train/eval flag of ``module`` and of every submodule on exit."""
+    flags = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def first_device(module: nn.Module) -> torch.device | None:
+    """The device of ``module``'s first parameter or buffer; None without any."""
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        found: torch.device = tensor.device
+        return found
+    return None
+
+
+def module_device(module: nn.Module, fallback: Tensor) -> torch.device:
+    """The device of ``module``'s first parameter or buffer; ``fallback``'s without any."""
+    found = first_device(module)
+    return fallback.device if found is None else found
