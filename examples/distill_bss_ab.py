@@ -38,14 +38,14 @@ import torch.nn.functional as F
 import torchattacks
 from torch import Tensor, nn
 
-from neokd_losses.attacks.boundary import BoundarySupportingAttack
 from neokd_losses.attacks.pgd import MultiExitPGD
-from neokd_losses.losses.activation_boundary import (
+from neokd_losses.distill.activation_boundary import (
     ActivationBoundaryLoss,
     FeatureRecorder,
     ab_connector,
 )
-from neokd_losses.losses.bss import BSSDistillationLoss, bss_weight_schedule
+from neokd_losses.distill.boundary import BoundarySupportingAttack
+from neokd_losses.distill.bss import BSSDistillationLoss, bss_weight_schedule
 from neokd_losses.losses.neokd import NEOKDLoss
 
 METHODS = ("bss", "ab+bss", "ab+bss+neokd")

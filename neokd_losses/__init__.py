@@ -3,7 +3,8 @@
 A multi-exit model is anything whose ``forward`` returns a list or tuple of E exit logits
 tensors (B, K). The top level holds the small, stable API: the NEO-KD losses (neighbour
 and exit-wise orthogonal knowledge distillation, Ham et al., NeurIPS 2023), the paper's
-baseline losses, the multi-exit attacks, and the boundary-distillation plug-ins.
+baseline losses, the multi-exit attacks, and the boundary-distillation plug-ins
+(:mod:`neokd_losses.distill`).
 Functional forms live in :mod:`neokd_losses.functional`, evaluation in
 :mod:`neokd_losses.evaluation`, architectures in :mod:`neokd_losses.models`.
 
@@ -18,20 +19,23 @@ Example:
     >>> loss.backward()
 """
 
-from .attacks import BoundarySupportingAttack, ExitView, MultiExitPGD
-from .losses import (
+from .attacks import ExitView, MultiExitPGD
+from .distill import (
     ActivationBoundaryLoss,
-    ARDLoss,
+    BoundarySupportingAttack,
     BSSDistillationLoss,
+    ab_connector,
+    activation_boundary_loss,
+    bss_kd_loss,
+)
+from .losses import (
+    ARDLoss,
     ExitwiseOrthogonalKD,
     NeighborKD,
     NEOKDLoss,
     NEOKDTerms,
     SKDLoss,
     TripleWinsLoss,
-    ab_connector,
-    activation_boundary_loss,
-    bss_kd_loss,
     orthogonal_label_mask,
 )
 

@@ -9,9 +9,9 @@ Example:
     torch.Size([])
 """
 
-from .losses.activation_boundary import activation_boundary_loss
+from .distill.activation_boundary import activation_boundary_loss
+from .distill.bss import bss_kd_loss, bss_weight_schedule
 from .losses.baselines import ard_loss, skd_loss, triple_wins_loss
-from .losses.bss import bss_kd_loss, bss_weight_schedule
 from .losses.neighbor import neighbor_kd, neighbor_weights
 from .losses.neokd import neokd_loss
 from .losses.orthogonal import exitwise_orthogonal_kd, orthogonal_label_mask

@@ -1,13 +1,12 @@
-"""Adversarial attacks with the torchattacks API: ``MultiExitPGD``, ``ExitView``, BSS.
+"""Adversarial attacks with the torchattacks API: ``MultiExitPGD`` and ``ExitView``.
 
 ``MultiExitPGD`` runs the single, average and max-average PGD attacks of Triple Wins /
 NEO-KD against a model that returns a list of E exit logits; ``ExitView`` exposes one
-exit as a single-output model so any stock torchattacks attack can target it;
-``BoundarySupportingAttack`` crafts the boundary-supporting samples of BSS distillation.
+exit as a single-output model so any stock torchattacks attack can target it. The
+``BoundarySupportingAttack`` of BSS distillation lives in :mod:`neokd_losses.distill`.
 """
 
-from neokd_losses.attacks.boundary import BoundarySupportingAttack, BoundarySupportingSamples
 from neokd_losses.attacks.exit_view import ExitView
 from neokd_losses.attacks.pgd import MultiExitPGD
 
-__all__ = ["BoundarySupportingAttack", "BoundarySupportingSamples", "ExitView", "MultiExitPGD"]
+__all__ = ["ExitView", "MultiExitPGD"]

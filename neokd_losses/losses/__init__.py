@@ -1,34 +1,22 @@
-"""Loss functions and modules: NEO-KD, its two distillation terms, the paper's baselines,
-and the related boundary-distillation plug-ins (BSS, activation boundaries)."""
+"""Loss functions and modules: NEO-KD, its two distillation terms and the paper's baselines.
 
-from .activation_boundary import (
-    ActivationBoundaryLoss,
-    FeatureRecorder,
-    ab_connector,
-    activation_boundary_loss,
-)
+The related boundary-distillation plug-ins (BSS, activation boundaries) live in
+:mod:`neokd_losses.distill`."""
+
 from .baselines import ARDLoss, SKDLoss, TripleWinsLoss, ard_loss, skd_loss, triple_wins_loss
-from .bss import BSSDistillationLoss, bss_kd_loss, bss_weight_schedule
 from .neighbor import NeighborKD, neighbor_kd, neighbor_weights
 from .neokd import NEOKDLoss, NEOKDTerms, neokd_loss
 from .orthogonal import ExitwiseOrthogonalKD, exitwise_orthogonal_kd, orthogonal_label_mask
 
 __all__ = [
     "ARDLoss",
-    "ActivationBoundaryLoss",
-    "BSSDistillationLoss",
     "ExitwiseOrthogonalKD",
-    "FeatureRecorder",
     "NEOKDLoss",
     "NEOKDTerms",
     "NeighborKD",
     "SKDLoss",
     "TripleWinsLoss",
-    "ab_connector",
-    "activation_boundary_loss",
     "ard_loss",
-    "bss_kd_loss",
-    "bss_weight_schedule",
     "exitwise_orthogonal_kd",
     "neighbor_kd",
     "neighbor_weights",

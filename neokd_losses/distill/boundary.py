@@ -5,7 +5,7 @@ Decision Boundary") distil a teacher's decision boundary through samples that li
 across it: from a base sample that the teacher classifies correctly, each sample moves
 toward a target class until the teacher's prediction leaves the base class. The student
 is then taught the teacher's outputs on those samples (see
-:func:`~neokd_losses.losses.bss.bss_kd_loss`). The attacked model returns one logits
+:func:`~neokd_losses.distill.bss.bss_kd_loss`). The attacked model returns one logits
 tensor (B, K); for one exit of a multi-exit network wrap it in
 :class:`~neokd_losses.attacks.exit_view.ExitView`. Scores are logits, never probabilities.
 """
@@ -122,7 +122,7 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
     :math:`p_n^k`; inputs the teacher misclassifies come back unchanged.
     :meth:`generate` returns every sample with the bookkeeping of
     :class:`BoundarySupportingSamples` (base index, target, weights), which
-    :func:`~neokd_losses.losses.bss.bss_kd_loss` consumes. Both put the model in eval
+    :func:`~neokd_losses.distill.bss.bss_kd_loss` consumes. Both put the model in eval
     mode (see ``set_model_training_mode``) and restore every module's mode in a
     ``finally``; neither leaves parameter gradients nor changes its inputs. With
     ``set_normalization_used(mean, std)`` inputs and outputs are normalised, as in

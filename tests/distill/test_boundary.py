@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from neokd_losses.attacks.boundary import BoundarySupportingAttack, BoundarySupportingSamples
 from neokd_losses.attacks.exit_view import ExitView
+from neokd_losses.distill.boundary import BoundarySupportingAttack, BoundarySupportingSamples
 from tests.helpers import TinyMLPExits
 
 OFFSET = 1e-4  # the 1e-4 of the BSS step rule

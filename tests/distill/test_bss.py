@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from neokd_losses.attacks.boundary import BoundarySupportingAttack
-from neokd_losses.losses.bss import BSSDistillationLoss, bss_kd_loss, bss_weight_schedule
+from neokd_losses.distill.boundary import BoundarySupportingAttack
+from neokd_losses.distill.bss import BSSDistillationLoss, bss_kd_loss, bss_weight_schedule
 from tests.helpers import random_exits
 
 # --- naive reference from the formula, one exit and one sample at a time ----------------

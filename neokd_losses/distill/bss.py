@@ -1,7 +1,7 @@
 """Knowledge distillation with boundary-supporting samples (BSS, Heo et al., AAAI 2019).
 
 A (multi-exit) student learns from a teacher on the clean batch and on
-boundary-supporting samples: points that :class:`~neokd_losses.attacks.boundary.
+boundary-supporting samples: points that :class:`~neokd_losses.distill.boundary.
 BoundarySupportingAttack` pushed just across the teacher's decision boundary. Inputs are
 *logits* of the student's E exits and of the single-output teacher; class-index targets.
 """
@@ -138,7 +138,7 @@ def bss_kd_loss(
     where :math:`\hat x_m` are the boundary-supporting samples, :math:`n_m` the batch
     position of each one's base sample (``bss_index``) and :math:`w_m` its weight
     (``bss_weight``). With the weights of
-    :meth:`~neokd_losses.attacks.boundary.BoundarySupportingAttack.generate` the inner sum
+    :meth:`~neokd_losses.distill.boundary.BoundarySupportingAttack.generate` the inner sum
     is the paper's :math:`\sum_k p_n^k J` over target classes k, exactly (every target,
     weight :math:`p_n^k`) or in expectation (targets drawn ∝ :math:`p_n^k`, weight 1/S).
     ``reduction="mean"`` sums over exits and averages over the B clean samples, so the
@@ -349,7 +349,7 @@ class BSSDistillationLoss(nn.Module):
     Example:
         >>> import torch
         >>> from torch import nn
-        >>> from neokd_losses.attacks.boundary import BoundarySupportingAttack
+        >>> from neokd_losses.distill.boundary import BoundarySupportingAttack
         >>> teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
         >>> student = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
         >>> images = torch.rand(8, 1, 4, 4)

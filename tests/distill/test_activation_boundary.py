@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from neokd_losses.losses.activation_boundary import (
+from neokd_losses.distill.activation_boundary import (
     ActivationBoundaryLoss,
     FeatureRecorder,
     ab_connector,
