@@ -37,6 +37,8 @@ __all__ = [
     "check_image_kind",
     "check_image_range",
     "check_int",
+    "check_module",
+    "check_one_of",
     "check_positive_int",
     "check_real",
     "check_reduction",
@@ -155,6 +157,14 @@ def check_bool(value: object, name: str) -> bool:
     return value
 
 
+def check_one_of(value: object, name: str, choices: Sequence[object]) -> None:
+    """ValueError unless ``value`` is one of ``choices`` (strings such as modes)."""
+    if value not in choices:
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(repr(c) for c in choices)}, got {value!r}."
+        )
+
+
 def check_temperature(temperature: object, name: str = "temperature") -> float:
     """A finite temperature T > 0."""
     return check_real(temperature, name, low=0.0, low_open=True)
@@ -167,11 +177,7 @@ def check_coefficient(name: str, value: object, *, at_most_one: bool = False) ->
 
 def check_reduction(reduction: object) -> Reduction:
     """Return ``reduction`` if it is "mean", "sum" or "none", else raise a ValueError."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"`reduction` must be one of {', '.join(repr(r) for r in _REDUCTIONS)}, "
-            f"got {reduction!r}."
-        )
+    check_one_of(reduction, "reduction", _REDUCTIONS)
     return reduction  # type: ignore[return-value]
 
 
@@ -366,6 +372,23 @@ def preserved_modes(module: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def check_module(value: object, name: str = "model", returns: str = "") -> nn.Module:
+    """Return ``value`` if it is an ``nn.Module``, else raise a TypeError.
+
+    ``returns`` says what the module's forward must return, e.g. "a list of exit logits".
+
+    Example:
+        >>> check_module(len, returns="logits")
+        Traceback (most recent call last):
+        ...
+        TypeError: `model` must be an nn.Module returning logits, got builtin_function_or_method.
+    """
+    if not isinstance(value, nn.Module):
+        what = f"an nn.Module returning {returns}" if returns else "an nn.Module"
+        raise TypeError(f"`{name}` must be {what}, got {type(value).__name__}.")
+    return value
 
 
 def first_device(module: nn.Module) -> torch.device | None:

@@ -8,13 +8,12 @@ one exit of a multi-exit network. Outputs are logits, never probabilities.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
-from neokd_losses._exits import check_exit_index
+from neokd_losses._validation import check_exit_index, check_int, check_module
 
 __all__ = ["ExitView"]
 
@@ -111,21 +110,8 @@ class ExitView(nn.Module):
 
     def __init__(self, model: nn.Module, exit_index: int) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"`model` must be an nn.Module returning a list of exit logits, "
-                f"got {type(model).__name__}."
-            )
-        if isinstance(exit_index, bool):
-            raise TypeError(f"`exit_index` must be an int, got {type(exit_index).__name__}.")
-        try:
-            index = operator.index(exit_index)
-        except TypeError as err:
-            raise TypeError(
-                f"`exit_index` must be an int, got {type(exit_index).__name__}."
-            ) from err
-        self.model = model
-        self.exit_index = index
+        self.model = check_module(model, returns="a list of exit logits")
+        self.exit_index = check_int(exit_index, "exit_index")
 
     # The view has no state of its own: its training flag is the wrapped model's, so
     # torchattacks (which reads `attack.model.training` to restore the mode) sees the

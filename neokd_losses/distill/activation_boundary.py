@@ -17,7 +17,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .._exits import ExitWeights, Reduction, as_exit_weights, check_reduction, reduce_exits
+from .._exits import reduce_exits
+from .._validation import (
+    ExitWeights,
+    Reduction,
+    as_exit_weights,
+    check_bool,
+    check_positive_int,
+    check_real,
+    check_reduction,
+    upcast,
+)
 
 __all__ = [
     "ActivationBoundaryLoss",
@@ -28,20 +38,6 @@ __all__ = [
 
 Features = Tensor | Sequence[Tensor]
 """One feature tensor (B, ...) or a sequence of E of them (one per layer / exit)."""
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _check_margin(margin: float) -> float:
-    if isinstance(margin, bool):
-        raise TypeError(f"`margin` must be a real number, got bool {margin!r}.")
-    try:
-        m = float(margin)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"`margin` must be a real number, got {type(margin).__name__}.") from err
-    if not (m >= 0 and m != float("inf")):
-        raise ValueError(f"`margin` must be a finite number >= 0, got {margin!r}.")
-    return m
 
 
 def _as_layers(features: Features, name: str) -> tuple[list[Tensor], bool]:
@@ -63,7 +59,7 @@ def _as_layers(features: Features, name: str) -> tuple[list[Tensor], bool]:
 
 def _hinge_squared(student: Tensor, teacher: Tensor, margin: float) -> Tensor:
     """Per-sample AB surrogate (B,) of one layer, summed over every neuron."""
-    s = student.float() if student.dtype in _LOW_PRECISION else student
+    s = upcast(student)
     t = teacher.to(s.dtype)
     off = (s + margin).pow(2) * ((s > -margin) & (t <= 0))
     on = (s - margin).pow(2) * ((s <= margin) & (t > 0))
@@ -136,7 +132,7 @@ def activation_boundary_loss(
         >>> activation_boundary_loss(feats_s, feats_t, reduction="none").shape
         torch.Size([2, 4])
     """
-    m = _check_margin(margin)
+    m = check_real(margin, "margin", low=0.0)
     check_reduction(reduction)
     students, single = _as_layers(student_features, "student_features")
     teachers, single_t = _as_layers(teacher_features, "teacher_features")
@@ -220,14 +216,9 @@ def ab_connector(
         >>> connector(torch.randn(4, 8, 5, 5)).shape
         torch.Size([4, 32, 5, 5])
     """
-    for name, value in (
-        ("student_channels", student_channels),
-        ("teacher_channels", teacher_channels),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
-        if value < 1:
-            raise ValueError(f"`{name}` must be >= 1, got {value}.")
+    student_channels = check_positive_int(student_channels, "student_channels")
+    teacher_channels = check_positive_int(teacher_channels, "teacher_channels")
+    check_bool(spatial, "spatial")
     mapping: nn.Module
     norm: nn.Module
     if spatial:
@@ -284,7 +275,7 @@ class ActivationBoundaryLoss(nn.Module):
         detach_teacher: bool = True,
     ) -> None:
         super().__init__()
-        self.margin = _check_margin(margin)
+        self.margin = check_real(margin, "margin", low=0.0)
         self.reduction: Reduction = check_reduction(reduction)
         self.detach_teacher = detach_teacher
         self.register_buffer("exit_weights", as_exit_weights(exit_weights))

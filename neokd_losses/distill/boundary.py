@@ -20,14 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchattacks.attack import Attack
 
-from neokd_losses._exits import check_targets
 from neokd_losses._validation import (
     RANGE_TOLERANCE,
+    check_bool,
     check_generator,
     check_image_kind,
     check_image_range,
-    check_int,
+    check_module,
+    check_one_of,
+    check_positive_int,
     check_real,
+    check_targets,
     module_device,
     preserved_modes,
     upcast,
@@ -179,28 +182,12 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
         clip: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"`model` must be an nn.Module returning logits (B, K), got {type(model).__name__}."
-            )
-        eta_ = check_real(eta, "eta")
-        if not (eta_ > 0 and eta_ != float("inf")):
-            raise ValueError(
-                f"`eta` (the step-size factor) must be a finite number > 0, got {eta!r}."
-            )
-        steps = check_int(max_steps, "max_steps")
-        if steps < 1:
-            raise ValueError(f"`max_steps` must be >= 1, got {max_steps!r}.")
-        targets = check_int(num_targets, "num_targets")
-        if targets < 1:
-            raise ValueError(f"`num_targets` must be >= 1, got {num_targets!r}.")
-        if sampling not in _SAMPLINGS:
-            raise ValueError(
-                f"`sampling` must be one of {', '.join(repr(s) for s in _SAMPLINGS)}, "
-                f"got {sampling!r}."
-            )
-        if not isinstance(clip, bool):
-            raise TypeError(f"`clip` must be a bool, got {type(clip).__name__}.")
+        check_module(model, returns="logits (B, K)")
+        eta_ = check_real(eta, "eta", low=0.0, low_open=True)
+        steps = check_positive_int(max_steps, "max_steps")
+        targets = check_positive_int(num_targets, "num_targets")
+        check_one_of(sampling, "sampling", _SAMPLINGS)
+        check_bool(clip, "clip")
         check_generator(generator)
         super().__init__("BoundarySupportingAttack", model)
         self.eta = eta_

@@ -15,17 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._cross_entropy import soft_cross_entropy
-from .._exits import (
-    ExitLogits,
+from .._exits import ExitLogits, reduce_exits, stack_exits
+from .._validation import (
     ExitWeights,
     Reduction,
     as_exit_weights,
     check_coefficient,
+    check_real,
     check_reduction,
     check_targets,
     check_temperature,
-    reduce_exits,
-    stack_exits,
+    is_compiling,
 )
 
 __all__ = ["BSSDistillationLoss", "bss_kd_loss", "bss_weight_schedule"]
@@ -82,7 +82,7 @@ def _bss_rows(
             f"`bss_index` must have shape (M,) = ({rows},), one batch position per "
             f"boundary-supporting sample, got {tuple(bss_index.shape)}."
         )
-    if rows:
+    if rows and not is_compiling():
         low, high = int(bss_index.min()), int(bss_index.max())
         if low < 0 or high >= batch:
             raise ValueError(
@@ -101,8 +101,7 @@ def _bss_rows(
             raise ValueError(
                 f"`bss_weight` must have shape (M,) = ({rows},), got {tuple(bss_weight.shape)}."
             )
-        if rows and not (bool(torch.isfinite(bss_weight).all()) and bool((bss_weight >= 0).all())):
-            raise ValueError("`bss_weight` must be finite and non-negative.")
+        as_exit_weights(bss_weight, rows, name="bss_weight")
         weight = bss_weight.detach().to(student)
     return bss_student, bss_teacher, bss_index.to(student.device).long(), weight
 
@@ -302,22 +301,20 @@ def bss_weight_schedule(
         >>> bss_weight_schedule(80, 80)
         (1.0, 0.0)
     """
-    n = float(num_epochs)
-    if not n > 0:
-        raise ValueError(f"`num_epochs` must be > 0, got {num_epochs!r}.")
-    e = float(epoch)
+    n = check_real(num_epochs, "num_epochs", low=0.0, low_open=True)
+    e = check_real(epoch, "epoch")
     if not 0 <= e <= n:
         raise ValueError(f"`epoch` must lie in [0, num_epochs] = [0, {num_epochs}], got {epoch!r}.")
-    s = float(beta_stop)
-    if not 0 < s <= 1:
-        raise ValueError(f"`beta_stop` must lie in (0, 1], got {beta_stop!r}.")
-    for name, value in (
-        ("alpha_start", alpha_start),
-        ("alpha_end", alpha_end),
-        ("beta_start", beta_start),
-        ("beta_end", beta_end),
-    ):
+    s = check_real(beta_stop, "beta_stop", low=0.0, high=1.0, low_open=True)
+    alpha_start, alpha_end, beta_start, beta_end = (
         check_coefficient(name, value)
+        for name, value in (
+            ("alpha_start", alpha_start),
+            ("alpha_end", alpha_end),
+            ("beta_start", beta_start),
+            ("beta_end", beta_end),
+        )
+    )
     alpha = alpha_end + (alpha_start - alpha_end) * (1.0 - e / n)
     beta = beta_end + (beta_start - beta_end) * max(0.0, 1.0 - e / (s * n))
     return float(alpha), float(beta)

@@ -9,7 +9,6 @@ an optional dependency, so without it the loops simply run without a bar.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -17,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neokd_losses._exits import check_targets, stack_exits
+from neokd_losses._exits import stack_exits
+from neokd_losses._validation import check_module, check_targets, first_device, preserved_modes
 
 __all__ = [
     "Attack",
@@ -45,12 +45,7 @@ Attack = Callable[[Tensor, Tensor], Tensor]
 
 def check_model(model: object) -> nn.Module:
     """Return ``model`` if it is an ``nn.Module``, else raise a TypeError naming the fix."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            "`model` must be a torch.nn.Module whose forward returns a list of E exit logits "
-            f"(B, K), got {type(model).__name__}."
-        )
-    return model
+    return check_module(model, returns="a list of E exit logits (B, K)")
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -60,9 +55,8 @@ def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch
     """
     if device is not None:
         return torch.device(device)
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    found = first_device(model)
+    return torch.device("cpu") if found is None else found
 
 
 def progress(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]:
@@ -134,13 +128,9 @@ def forward_exits(model: nn.Module, images: Tensor) -> Tensor:
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode and restore every submodule's mode on exit, even on error."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
+    with preserved_modes(model):
+        model.eval()
         yield model
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def attack_name(attack: object) -> str:

@@ -32,7 +32,6 @@ so the result is the cost for ONE input.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from neokd_losses._validation import check_module, first_device
 from neokd_losses.evaluation._loader import eval_mode
 
 __all__ = ["exit_costs"]
@@ -267,8 +267,7 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
         >>> exit_costs(TwoExits(), torch.zeros(4, 8))  # 8*3+3; then + 8*8+8 + 8 + 8*3+3
         [27.0, 134.0]
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be an nn.Module, got {type(model).__name__}.")
+    check_module(model)
     if not isinstance(example_input, Tensor):
         raise TypeError(
             f"`example_input` must be a Tensor batch (B, ...), got {type(example_input).__name__}."
@@ -283,9 +282,9 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
         )
     # Only the shape matters: follow the model's device, so that a model on the GPU can
     # be measured with a CPU batch.
-    anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    if anchor is not None and example_input.device != anchor.device:
-        example_input = example_input.to(anchor.device)
+    device = first_device(model)
+    if device is not None and example_input.device != device:
+        example_input = example_input.to(device)
     counter = _MacCounter()
     # eval_mode restores every submodule's own mode (a frozen BatchNorm inside a model in
     # train mode stays frozen); model.train(was_training) would reset them all.

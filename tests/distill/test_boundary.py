@@ -329,8 +329,8 @@ def test_empty_when_nothing_is_classified_correctly() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"eta": 0.0}, ValueError, "`eta` .* must be a finite number > 0, got 0.0"),
-        ({"eta": "big"}, TypeError, "`eta` must be a real number, got str"),
+        ({"eta": 0.0}, ValueError, "`eta` must be a finite number > 0, got 0.0"),
+        ({"eta": "big"}, TypeError, "`eta` must be a real number > 0, got str"),
         ({"max_steps": 0}, ValueError, "`max_steps` must be >= 1, got 0"),
         ({"max_steps": 2.5}, TypeError, "`max_steps` must be an int, got float"),
         ({"num_targets": 0}, ValueError, "`num_targets` must be >= 1, got 0"),

@@ -348,10 +348,10 @@ def test_schedule_custom_ends() -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "match"),
     [
-        ((1, 0), {}, "`num_epochs` must be > 0, got 0"),
+        ((1, 0), {}, "`num_epochs` must be a finite number > 0, got 0"),
         ((11, 10), {}, r"`epoch` must lie in \[0, num_epochs\] = \[0, 10\], got 11"),
         ((-1, 10), {}, r"`epoch` must lie in"),
-        ((1, 10), {"beta_stop": 0.0}, r"`beta_stop` must lie in \(0, 1\], got 0.0"),
+        ((1, 10), {"beta_stop": 0.0}, r"`beta_stop` must be a number in \(0, 1\], got 0.0"),
         ((1, 10), {"alpha_end": -1.0}, "`alpha_end` must be a finite number >= 0"),
     ],
 )
