@@ -1,0 +1,714 @@
+"""One rule for every number the public API takes, and unit tests of ``_validation``.
+
+Every public constructor and function that takes a number refuses a string, a bool and a
+complex number with ``TypeError`` and NaN and infinity with ``ValueError``. For
+integer arguments (counts, indices) any float is the wrong kind, so NaN and infinity
+raise ``TypeError`` there. Each case below first runs the call with valid values (so a
+case cannot pass because the call fails for another reason), then once per bad value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import neokd_losses
+from neokd_losses import _validation as V
+from neokd_losses import functional as F
+from neokd_losses import models
+from neokd_losses.attacks import ExitView, MultiExitPGD
+from neokd_losses.distill import BoundarySupportingAttack, ab_connector, bss_weight_schedule
+from neokd_losses.evaluation import (
+    anytime_table,
+    budget_curve,
+    budgeted_accuracy,
+    budgeted_evaluation,
+    exit_assignment,
+    exit_proportions,
+    fit_thresholds,
+    sanity_checks,
+    transferability_matrix,
+)
+from neokd_losses.evaluation.anytime import AnytimeResult
+
+E, B, K = 2, 4, 3
+
+
+class _Linear2(nn.Module):
+    """Two linear exits on flat inputs (B, 4) in [0, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, K), nn.Linear(4, K)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.a(x), self.b(torch.tanh(x))]
+
+
+class _Single(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def _logits() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(B, K, generator=g) for _ in range(E)]
+
+
+def _targets() -> torch.Tensor:
+    return torch.tensor([0, 1, 2, 1])
+
+
+def _images() -> torch.Tensor:
+    return torch.rand(B, 4, generator=torch.Generator().manual_seed(2))
+
+
+def _loader() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(_images(), _targets())]
+
+
+def _stacked() -> torch.Tensor:
+    return torch.stack(_logits())
+
+
+def _call(fn: Callable[..., Any], *args: Any) -> Callable[[dict[str, Any]], Any]:
+    """A case body: ``fn(*args(), **kwargs)`` with arguments built fresh for every call."""
+
+    def run(kwargs: dict[str, Any]) -> Any:
+        return fn(
+            *(a() if callable(a) and not isinstance(a, nn.Module) else a for a in args), **kwargs
+        )
+
+    return run
+
+
+def _loss_module(cls: type[nn.Module], *args: Any) -> Callable[[dict[str, Any]], Any]:
+    def run(kwargs: dict[str, Any]) -> Any:
+        return cls(**kwargs)(_logits(), _logits(), *(a() for a in args))
+
+    return run
+
+
+@dataclass
+class Case:
+    """``run(kwargs)`` calls the API; ``reals`` and ``ints`` name its numeric arguments.
+
+    A name ``"costs[1]"`` puts the bad value into element 1 of the sequence ``costs``.
+    """
+
+    name: str
+    run: Callable[[dict[str, Any]], Any]
+    base: dict[str, Any] = field(default_factory=dict)
+    reals: tuple[str, ...] = ()
+    ints: tuple[str, ...] = ()
+    infinite_ok: bool = False
+
+
+def _pgd(**kwargs: Any) -> Any:
+    return MultiExitPGD(_Linear2(), **kwargs)(_images(), _targets())
+
+
+CASES = [
+    # ------------------------------------------------------------------ loss modules
+    Case(
+        "NEOKDLoss",
+        _loss_module(neokd_losses.NEOKDLoss, _targets),
+        {"exit_weights": [1.0, 1.0]},
+        reals=("alpha", "beta", "temperature", "exit_weights[0]"),
+    ),
+    Case("NeighborKD", _loss_module(neokd_losses.NeighborKD), reals=("temperature",)),
+    Case(
+        "ExitwiseOrthogonalKD",
+        _loss_module(neokd_losses.ExitwiseOrthogonalKD, _targets),
+        reals=("temperature",),
+    ),
+    Case(
+        "TripleWinsLoss",
+        _loss_module(neokd_losses.TripleWinsLoss, _targets),
+        reals=("clean_weight", "adv_weight"),
+    ),
+    Case(
+        "SKDLoss",
+        _loss_module(neokd_losses.SKDLoss, _targets),
+        reals=("alpha", "temperature", "clean_weight", "adv_weight"),
+    ),
+    Case("ARDLoss", _loss_module(neokd_losses.ARDLoss, _targets), reals=("alpha", "temperature")),
+    Case(
+        "BSSDistillationLoss",
+        lambda kw: neokd_losses.BSSDistillationLoss(**kw)(_logits(), _logits()[0], _targets()),
+        reals=("alpha", "beta", "temperature", "ce_weight"),
+    ),
+    Case(
+        "ActivationBoundaryLoss",
+        lambda kw: neokd_losses.ActivationBoundaryLoss(**kw)(_logits(), _logits()),
+        reals=("margin",),
+    ),
+    # ------------------------------------------------------------------ functional
+    Case(
+        "neokd_loss",
+        _call(F.neokd_loss, _logits, _logits, _targets),
+        reals=("alpha", "beta", "temperature"),
+    ),
+    Case("neighbor_kd", _call(F.neighbor_kd, _logits, _logits), reals=("temperature",)),
+    Case(
+        "exitwise_orthogonal_kd",
+        _call(F.exitwise_orthogonal_kd, _logits, _logits, _targets),
+        reals=("temperature",),
+    ),
+    Case(
+        "triple_wins_loss",
+        _call(F.triple_wins_loss, _logits, _logits, _targets),
+        reals=("clean_weight", "adv_weight"),
+    ),
+    Case(
+        "skd_loss",
+        _call(F.skd_loss, _logits, _logits, _targets),
+        reals=("alpha", "temperature", "clean_weight", "adv_weight"),
+    ),
+    Case("ard_loss", _call(F.ard_loss, _logits, _logits, _targets), reals=("alpha", "temperature")),
+    Case(
+        "bss_kd_loss",
+        lambda kw: F.bss_kd_loss(_logits(), _logits()[0], _targets(), **kw),
+        reals=("alpha", "beta", "temperature", "ce_weight"),
+    ),
+    Case(
+        "activation_boundary_loss",
+        _call(F.activation_boundary_loss, _logits, _logits),
+        reals=("margin",),
+    ),
+    Case("neighbor_weights", _call(F.neighbor_weights), {"num_exits": 3}, ints=("num_exits",)),
+    Case(
+        "orthogonal_label_mask",
+        _call(F.orthogonal_label_mask, _targets),
+        {"num_exits": E, "num_classes": K},
+        ints=("num_exits", "num_classes"),
+    ),
+    Case(
+        "ab_connector",
+        _call(ab_connector),
+        {"student_channels": 2, "teacher_channels": 3},
+        ints=("student_channels", "teacher_channels"),
+    ),
+    Case(
+        "bss_weight_schedule",
+        _call(bss_weight_schedule),
+        {"epoch": 1, "num_epochs": 4},
+        reals=(
+            "epoch",
+            "num_epochs",
+            "alpha_start",
+            "alpha_end",
+            "beta_start",
+            "beta_end",
+            "beta_stop",
+        ),
+    ),
+    # ------------------------------------------------------------------ attacks
+    Case(
+        "MultiExitPGD",
+        lambda kw: _pgd(**kw),
+        {"eps": 0.1, "alpha": 0.05, "steps": 1, "exit_weights": [1.0, 1.0]},
+        reals=("eps", "alpha", "exit_weights[1]"),
+        ints=("steps", "max_batch"),
+    ),
+    Case(
+        "MultiExitPGD(single)",
+        lambda kw: _pgd(**kw),
+        {"eps": 0.1, "alpha": 0.05, "steps": 1, "mode": "single", "exit_index": 0},
+        ints=("exit_index",),
+    ),
+    Case(
+        "ExitView",
+        lambda kw: ExitView(_Linear2(), **kw)(_images()),
+        {"exit_index": 1},
+        ints=("exit_index",),
+    ),
+    Case(
+        "BoundarySupportingAttack",
+        lambda kw: BoundarySupportingAttack(_Single(), **kw)(_images(), _targets()),
+        {"max_steps": 1},
+        reals=("eta",),
+        ints=("max_steps", "num_targets"),
+    ),
+    # ------------------------------------------------------------------ models
+    Case(
+        "SmallCNN",
+        lambda kw: models.SmallCNN(**kw),
+        reals=("dropout",),
+        ints=("num_classes", "in_channels"),
+    ),
+    Case(
+        "MSDNet",
+        lambda kw: models.MSDNet(**kw),
+        {
+            "num_classes": 3,
+            "num_blocks": 2,
+            "base": 1,
+            "step": 1,
+            "num_channels": 4,
+            "growth_rate": 2,
+            "gr_factor": (1, 2),
+            "bn_factor": (1, 2),
+            "image_size": 16,
+        },
+        reals=("reduction",),
+        ints=(
+            "num_classes",
+            "num_blocks",
+            "base",
+            "step",
+            "num_channels",
+            "growth_rate",
+            "in_channels",
+            "image_size",
+            "gr_factor[0]",
+            "bn_factor[0]",
+        ),
+    ),
+    Case(
+        "msdnet_cifar10",
+        lambda kw: models.msdnet_cifar10(**kw),
+        ints=("num_classes", "in_channels"),
+    ),
+    Case(
+        "attach_exits",
+        lambda kw: models.attach_exits(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), ["0"], **kw),
+        {"num_classes": K, "head": nn.Linear},
+        ints=("num_classes",),
+    ),
+    # ------------------------------------------------------------------ evaluation
+    Case(
+        "exit_proportions",
+        _call(exit_proportions),
+        {"budget_index": 2, "num_exits": 3},
+        reals=("budget_index", "center"),
+        ints=("num_exits",),
+    ),
+    Case(
+        "fit_thresholds",
+        _call(fit_thresholds, _stacked),
+        {"proportions": [0.5, 0.5]},
+        reals=("proportions[0]",),
+    ),
+    # Thresholds may be infinite: +inf never exits early, -inf always does.
+    Case(
+        "exit_assignment",
+        _call(exit_assignment, _stacked),
+        {"thresholds": [0.5, -math.inf]},
+        reals=("thresholds[0]",),
+        infinite_ok=True,
+    ),
+    Case(
+        "budgeted_accuracy",
+        _call(budgeted_accuracy, _stacked, _targets),
+        {"thresholds": [0.5, -math.inf], "costs": [1.0, 2.0]},
+        reals=("costs[0]",),
+    ),
+    Case(
+        "budget_curve",
+        _call(budget_curve, _stacked, _targets, _stacked, _targets),
+        {"costs": [1.0, 2.0], "num_points": 3},
+        reals=("costs[1]",),
+        ints=("num_points",),
+    ),
+    Case(
+        "budgeted_evaluation",
+        _call(budgeted_evaluation, _Linear2(), _loader, _loader),
+        {"costs": [1.0, 2.0], "num_points": 3, "progress": False},
+        reals=("costs[0]",),
+        ints=("num_points",),
+    ),
+    Case(
+        "anytime_table",
+        lambda kw: anytime_table({"clean": AnytimeResult((1, 2), 4)}, **kw),
+        ints=("digits",),
+    ),
+    Case(
+        "sanity_checks",
+        _call(sanity_checks, _Linear2(), _loader),
+        {
+            "eps": 0.1,
+            "steps": [1, 2],
+            "eps_factors": [0.5, 1.0],
+            "max_batches": 1,
+            "progress": False,
+            "warn": False,
+        },
+        reals=(
+            "eps",
+            "step_factor",
+            "tolerance",
+            "max_accuracy_at_large_eps",
+            "large_eps",
+            "eps_factors[0]",
+        ),
+        ints=("steps[0]", "max_batches", "seed"),
+    ),
+    Case(
+        "transferability_matrix",
+        _call(transferability_matrix, _Linear2(), _loader),
+        {"eps": 0.1, "alpha": 0.05, "steps": 1, "progress": False},
+        reals=("eps", "alpha"),
+        ints=("steps",),
+    ),
+]
+
+BAD_VALUES: list[tuple[str, object]] = [
+    ("str", "3"),
+    ("bool", True),
+    ("complex", 1 + 0j),
+    ("nan", math.nan),
+    ("inf", math.inf),
+]
+
+
+_BUDGETED = "owned by another helper: evaluation/budgeted.py converts with float()"
+_SANITY = "owned by another helper: evaluation/sanity.py checks by hand"
+# Cases that fail because of code outside this helper's files (see the report): the
+# marks are strict, so each one fails as soon as its file is fixed and must be removed.
+_KNOWN_GAPS: dict[tuple[str, str, str], str] = {
+    **{
+        ("exit_proportions", arg, label): _BUDGETED
+        for arg in ("budget_index", "center")
+        for label in ("str", "bool", "complex")
+    },
+    ("exit_proportions", "num_exits", "*"): _BUDGETED + " (ValueError for wrong kinds)",
+    ("fit_thresholds", "proportions[0]", "str"): _BUDGETED,
+    ("fit_thresholds", "proportions[0]", "bool"): _BUDGETED,
+    ("exit_assignment", "thresholds[0]", "str"): _BUDGETED,
+    ("exit_assignment", "thresholds[0]", "bool"): _BUDGETED,
+    **{
+        (case, arg, label): _BUDGETED
+        for case, arg in (
+            ("budgeted_accuracy", "costs[0]"),
+            ("budget_curve", "costs[1]"),
+            ("budgeted_evaluation", "costs[0]"),
+        )
+        for label in ("str", "bool")
+    },
+    ("budget_curve", "num_points", "*"): _BUDGETED + " (ValueError for wrong kinds)",
+    ("budgeted_evaluation", "num_points", "*"): _BUDGETED + " (ValueError for wrong kinds)",
+    ("anytime_table", "digits", "*"): "owned by another helper: evaluation/anytime.py "
+    "does not check `digits`",
+    **{
+        ("sanity_checks", arg, label): _SANITY
+        for arg in ("tolerance", "max_accuracy_at_large_eps")
+        for label in ("str", "bool", "complex")
+    },
+    ("sanity_checks", "max_batches", "*"): _SANITY + " (ValueError for wrong kinds)",
+    ("sanity_checks", "steps[0]", "*"): _SANITY + " (ValueError for wrong kinds)",
+    ("sanity_checks", "seed", "*"): _SANITY + " (`seed` is not checked: torch's RuntimeError)",
+}
+
+
+def _with(base: dict[str, Any], name: str, value: object) -> dict[str, Any]:
+    kwargs = dict(base)
+    if "[" in name:
+        seq, index = name[:-1].split("[")
+        items = list(kwargs[seq])
+        items[int(index)] = value
+        kwargs[seq] = items
+    else:
+        kwargs[name] = value
+    return kwargs
+
+
+def _params() -> list[Any]:
+    params = []
+    for case in CASES:
+        for kind, names in (("real", case.reals), ("int", case.ints)):
+            for name in names:
+                for label, value in BAD_VALUES:
+                    if label == "inf" and case.infinite_ok:
+                        continue
+                    value_error = kind == "real" and label in ("nan", "inf")
+                    error = ValueError if value_error else TypeError
+                    reason = _KNOWN_GAPS.get((case.name, name, label)) or _KNOWN_GAPS.get(
+                        (case.name, name, "*")
+                    )
+                    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+                    params.append(
+                        pytest.param(
+                            case, name, value, error, id=f"{case.name}-{name}-{label}", marks=marks
+                        )
+                    )
+    return params
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("case", "name", "value", "error"), _params())
+def test_every_public_number_refuses_bad_values(
+    case: Case, name: str, value: object, error: type[Exception]
+) -> None:
+    case.run(dict(case.base))  # the valid call runs
+    with pytest.raises(error, match=f"`{name.split('[')[0]}"):
+        case.run(_with(case.base, name, value))
+
+
+def test_cases_cover_every_public_callable_with_a_number() -> None:
+    """A new public function or class taking a number must get a case above."""
+    import inspect
+
+    covered = {case.name.split("(")[0] for case in CASES}
+    # Result containers and callables whose numbers come from the library itself.
+    exempt = {
+        "AnytimeResult",
+        "BudgetCurve",
+        "SanityCheck",
+        "SanityReport",
+        "NEOKDTerms",
+        "BoundarySupportingSamples",
+        "AttachedExits",
+        "msdnet_cifar100",
+        "msdnet_imagenet",
+        "msdnet_tinyimagenet",
+        "exit_costs",
+        "plot_budget_curves",
+        "plot_exit_accuracies",
+        "plot_transferability",
+        "anytime_accuracy",
+        "collect_logits",
+        "off_diagonal_mean",
+        "FeatureRecorder",
+    }
+    numeric = ("int", "float", "Numbers", "ExitWeights", "Sequence[float]", "tuple[int, int]")
+    missing = []
+    for module in (neokd_losses, F, models, neokd_losses.evaluation, neokd_losses.distill):
+        for public in module.__all__:
+            obj = getattr(module, public)
+            if not callable(obj) or public in covered or public in exempt:
+                continue
+            try:
+                parameters = inspect.signature(obj).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            if any(any(t in str(p.annotation) for t in numeric) for p in parameters):
+                missing.append(public)
+    assert not missing, f"no validation case for {sorted(set(missing))}"
+
+
+# --------------------------------------------------------------------------- _validation
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        0,
+        3,
+        -2.5,
+        1e300,
+        np.float32(0.25),
+        np.int64(7),
+        Fraction(1, 4),
+        torch.tensor(0.5),
+        torch.tensor([2]),
+    ],
+    ids=[
+        "int",
+        "int3",
+        "float",
+        "huge",
+        "np.float32",
+        "np.int64",
+        "Fraction",
+        "tensor0d",
+        "tensor1",
+    ],
+)
+def test_check_real_accepts_real_numbers(value: object) -> None:
+    result = V.check_real(value, "x")
+    assert type(result) is float
+    assert result == float(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ("3", TypeError, r"`x` must be a real number, got str '3'"),
+        (True, TypeError, "got bool True"),
+        (1 + 0j, TypeError, "got complex"),
+        (None, TypeError, "got NoneType"),
+        (torch.tensor([1.0, 2.0]), TypeError, "got Tensor"),
+        (torch.tensor(True), TypeError, "got Tensor"),
+        (torch.tensor(1 + 0j), TypeError, "got Tensor"),
+        (math.nan, ValueError, "`x` must be finite, got nan"),
+        (-math.inf, ValueError, "`x` must be finite, got -inf"),
+        (torch.tensor(math.nan), ValueError, "must be finite"),
+    ],
+)
+def test_check_real_refuses(value: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        V.check_real(value, "x")
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "ok"),
+    [
+        (0.0, {"low": 0.0}, True),
+        (0.0, {"low": 0.0, "low_open": True}, False),
+        (1.0, {"high": 1.0}, True),
+        (1.0, {"high": 1.0, "high_open": True}, False),
+        (-1e-9, {"low": 0.0}, False),
+        (0.5, {"low": 0.0, "high": 1.0, "low_open": True, "high_open": True}, True),
+        (math.inf, {"low": 0.0}, False),
+    ],
+)
+def test_check_real_bounds(value: float, kwargs: dict[str, Any], ok: bool) -> None:
+    if ok:
+        assert V.check_real(value, "x", **kwargs) == value
+    else:
+        with pytest.raises(ValueError, match="`x` must be a"):
+            V.check_real(value, "x", **kwargs)
+
+
+def test_check_real_messages_name_the_interval() -> None:
+    with pytest.raises(ValueError, match=r"`x` must be a number in \(0, 1\], got 0.0"):
+        V.check_real(0.0, "x", low=0.0, high=1.0, low_open=True)
+    with pytest.raises(ValueError, match=r"`x` must be a finite number >= 2, got 1"):
+        V.check_real(1, "x", low=2.0)
+    with pytest.raises(TypeError, match=r"`x` must be a real number > 0, got str"):
+        V.check_real("1", "x", low=0.0, low_open=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (True, TypeError),
+        (2.0, TypeError),
+        ("2", TypeError),
+        (math.nan, TypeError),
+        (1 + 0j, TypeError),
+        (None, TypeError),
+        (-1, ValueError),
+    ],
+)
+def test_check_int_refuses(value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="`n` must be"):
+        V.check_int(value, "n", low=0)
+
+
+def test_check_int_accepts_index_types() -> None:
+    assert V.check_int(np.int64(3), "n") == 3
+    assert V.check_int(torch.tensor(4), "n") == 4
+    assert V.check_positive_int(1, "n") == 1
+    with pytest.raises(ValueError, match="`n` must be >= 1, got 0"):
+        V.check_positive_int(0, "n")
+
+
+def test_check_bool_refuses_truthy_values() -> None:
+    assert V.check_bool(False, "flag") is False
+    for value in (0, 1, "yes", None, np.bool_(True)):
+        with pytest.raises(TypeError, match="`flag` must be a bool"):
+            V.check_bool(value, "flag")
+
+
+def test_temperature_coefficient_reduction_and_choices() -> None:
+    assert V.check_temperature(2) == 2.0
+    with pytest.raises(ValueError, match=r"`temperature` must be a finite number > 0, got 0"):
+        V.check_temperature(0)
+    assert V.check_coefficient("w", 0) == 0.0
+    assert V.check_coefficient("w", 1, at_most_one=True) == 1.0
+    with pytest.raises(ValueError, match=r"`w` must be a number in \[0, 1\], got 1.5"):
+        V.check_coefficient("w", 1.5, at_most_one=True)
+    assert V.check_reduction("none") == "none"
+    with pytest.raises(ValueError, match="`reduction` must be one of 'mean', 'sum', 'none'"):
+        V.check_reduction("avg")
+    V.check_one_of("b", "mode", ("a", "b"))
+    with pytest.raises(ValueError, match=r"`mode` must be one of 'a', 'b', got 'c'"):
+        V.check_one_of("c", "mode", ("a", "b"))
+
+
+@pytest.mark.parametrize(("index", "expected"), [(0, 0), (2, 2), (-1, 2), (-3, 0)])
+def test_check_exit_index_wraps_like_python(index: int, expected: int) -> None:
+    assert V.check_exit_index(index, 3) == expected == list(range(3))[index]
+
+
+@pytest.mark.parametrize("index", [3, -4])
+def test_check_exit_index_out_of_range(index: int) -> None:
+    with pytest.raises(ValueError, match=rf"must lie in \[-3, 3\) .* 3 exits, got {index}"):
+        V.check_exit_index(index, 3)
+
+
+def test_check_targets() -> None:
+    V.check_targets(torch.tensor([0, 2]), 2, 3)
+    with pytest.raises(TypeError, match="integer class indices"):
+        V.check_targets(torch.tensor([0.0, 1.0]), 2, 3)
+    with pytest.raises(TypeError, match="Tensor of class indices"):
+        V.check_targets([0, 1], 2, 3)
+    with pytest.raises(ValueError, match=r"shape \(B,\) = \(3,\)"):
+        V.check_targets(torch.tensor([0, 1]), 3, 3)
+    with pytest.raises(ValueError, match=r"\[0, 3\) for K = 3 classes, got values in \[-1, 2\]"):
+        V.check_targets(torch.tensor([-1, 2]), 2, 3)
+
+
+def test_as_exit_weights() -> None:
+    assert V.as_exit_weights(None) is None
+    w = V.as_exit_weights([1, 0.5], 2)
+    assert w is not None and w.tolist() == [1.0, 0.5] and w.dtype == torch.get_default_dtype()
+    t = V.as_exit_weights(torch.tensor([1, 2]))
+    assert t is not None and t.is_floating_point()
+    for bad, error, match in [
+        ([1.0, -1.0], ValueError, "finite and non-negative"),
+        (torch.tensor([1.0, math.nan]), ValueError, "finite and non-negative"),
+        ([[1.0], [2.0]], ValueError, "must be 1-D"),
+        ([1.0, 2.0, 3.0], ValueError, "expected 2, got 3"),
+        ("12", TypeError, "sequence of E numbers"),
+        ([1.0, "2"], TypeError, r"`exit_weights\[1\]` must be a real number"),
+        (torch.tensor([True, False]), TypeError, "real numbers"),
+    ]:
+        with pytest.raises(error, match=match):
+            V.as_exit_weights(bad, 2)  # type: ignore[arg-type]
+
+
+def test_check_module_and_generator() -> None:
+    layer = nn.Linear(1, 1)
+    assert V.check_module(layer) is layer
+    with pytest.raises(TypeError, match="`net` must be an nn.Module returning logits, got int"):
+        V.check_module(3, "net", returns="logits")
+    V.check_generator(None)
+    V.check_generator(torch.Generator())
+    with pytest.raises(TypeError, match="`generator` must be a torch.Generator or None, got int"):
+        V.check_generator(0)
+
+
+def test_image_checks() -> None:
+    with pytest.raises(TypeError, match="must be a Tensor"):
+        V.check_image_kind([0.0])
+    with pytest.raises(TypeError, match=r"`images.float\(\) / 255`"):
+        V.check_image_kind(torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        V.check_image_kind(torch.zeros(3))
+    V.check_image_range(torch.tensor([0.0, 1.0]), 0.0, normalised=False)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got values in \[0, 2\]"):
+        V.check_image_range(torch.tensor([0.0, 2.0]), 0.0, normalised=False)
+    with pytest.raises(ValueError, match="after un-normalising"):
+        V.check_image_range(torch.tensor([-0.5, 1.0]), 1e-5, normalised=True)
+    with pytest.raises(ValueError, match=r"x.unsqueeze\(0\)"):
+        V.check_image_input(torch.zeros(1, 8, 8), 1, (8, 8), "Net")
+
+
+def test_upcast_and_devices_and_modes() -> None:
+    assert V.upcast(torch.zeros(1, dtype=torch.bfloat16)).dtype == torch.float32
+    assert V.upcast(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    assert V.first_device(nn.ReLU()) is None
+    assert V.first_device(nn.Linear(1, 1)) == torch.device("cpu")
+    assert V.module_device(nn.ReLU(), torch.zeros(1)) == torch.device("cpu")
+    net = nn.Sequential(nn.Linear(1, 1), nn.Dropout())
+    net[1].eval()  # a frozen submodule inside a training model keeps its own mode
+    with pytest.raises(RuntimeError), V.preserved_modes(net):
+        net.eval()
+        net.train()
+        raise RuntimeError
+    assert net.training and net[0].training and not net[1].training
