@@ -10,7 +10,7 @@ All helpers take *logits* (unnormalised scores), never probabilities.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,7 @@ __all__ = [
     "check_same_exits",
     "check_targets",
     "check_temperature",
+    "exit_sequence",
     "reduce_exits",
     "stack_exits",
 ]
@@ -47,6 +48,80 @@ ExitLogits = Sequence[Tensor]
 """A model output: a list or tuple of E logits tensors, each (B, K)."""
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+_HOW_TO = "the how-to 'Wrap your own multi-exit model'"
+
+
+def _kind_and_fix(output: object, var: str, single_hint: str) -> tuple[str, str]:
+    """What ``output`` is, in words, and how to turn it into a list of E exit logits.
+
+    ``var`` is the expression the fix refers to (``"out"`` for a model's output).
+    """
+    in_forward = var == "out"
+    if isinstance(output, Tensor):
+        shape = tuple(output.shape)
+        if output.dim() == 3:
+            unstack = "make the model's forward return `list(out.unbind(0))`"
+            fix = unstack if in_forward else f"pass `list({var}.unbind(0))`, or {unstack}"
+            return (
+                f"a single Tensor of shape {shape}, which looks like E = {shape[0]} exits "
+                "stacked as (E, B, K)",
+                f"Unstack it: {fix}.",
+            )
+        return f"a single Tensor of shape {shape}", single_hint
+    if isinstance(output, Mapping):
+        keys = list(output.keys())
+        return (
+            f"{type(output).__name__} with keys {keys}",
+            f"Return the exits as a list in exit order, `[{var}[k] for k in {keys}]`, e.g. "
+            f"by wrapping the model in the `ExitList` module of {_HOW_TO} "
+            f"(`ExitList(model, {keys})`).",
+        )
+    if isinstance(output, Sequence) and not isinstance(output, (str, bytes)) and output:
+        head = output[0]
+        if isinstance(head, Sequence) and not isinstance(head, (str, bytes, Tensor)):
+            rest = ", ".join(type(v).__name__ for v in output[1:])
+            return (
+                f"{type(output).__name__} whose first item is a {type(head).__name__} of "
+                f"{len(head)} items (followed by {rest or 'nothing'}), which looks like "
+                "`(exits, features)`",
+                "Return the exit logits only: `return exits` instead of `return exits, "
+                f"features` in the model's forward (or pass `{var}[0]`; see {_HOW_TO}).",
+            )
+    return type(output).__name__, ""
+
+
+def exit_sequence(
+    output: object, prefix: str, var: str, single_hint: str, item: Callable[[int], str]
+) -> Sequence[Tensor]:
+    """Return ``output`` if it is a list or tuple of tensors (maybe empty), else raise.
+
+    Every message names what was received and the fix: a stacked (E, B, K) tensor is
+    unstacked with ``list(out.unbind(0))``, a dict becomes a list in exit order (the
+    ``ExitList`` wrapper of the own-model how-to), and ``(exits, features)`` becomes
+    ``exits``.
+
+    Args:
+        output: a model's output or a loss argument.
+        prefix: the start of the message, e.g. "`logits` must be a list or tuple of E
+            exit logits tensors (B, K), got".
+        var: the expression the fix refers to; ``"out"`` for a model's output.
+        single_hint: the fix for a single (B, K) tensor.
+        item: item i's name in messages, e.g. ``lambda i: f"`logits[{i}]`"``.
+
+    Raises:
+        TypeError: if ``output`` is not a list or tuple, or an item is not a tensor.
+    """
+    if isinstance(output, Sequence) and not isinstance(output, (str, bytes, Tensor)):
+        if all(isinstance(z, Tensor) for z in output):
+            return output
+    kind, fix = _kind_and_fix(output, var, single_hint)
+    if kind == type(output).__name__ and isinstance(output, Sequence):
+        for i, z in enumerate(output):
+            if not isinstance(z, Tensor):
+                raise TypeError(f"{item(i)} must be a Tensor (B, K), got {type(z).__name__}.")
+    raise TypeError(f"{prefix} {kind}." + (f" {fix}" if fix else ""))
 
 
 def stack_exits(logits: ExitLogits, name: str = "logits") -> Tensor:
@@ -72,25 +147,20 @@ def stack_exits(logits: ExitLogits, name: str = "logits") -> Tensor:
         >>> stack_exits([torch.zeros(4, 10), torch.ones(4, 10)]).shape
         torch.Size([2, 4, 10])
     """
-    if isinstance(logits, Tensor):
-        raise TypeError(
-            f"`{name}` must be a list or tuple of E exit logits tensors (B, K), got a single "
-            f"Tensor of shape {tuple(logits.shape)}. Pass the model's list of exit outputs; "
-            f"for a single-exit model wrap it as [{name}]."
-        )
-    if not isinstance(logits, Sequence) or isinstance(logits, (str, bytes)):
-        raise TypeError(
-            f"`{name}` must be a list or tuple of E exit logits tensors (B, K), "
-            f"got {type(logits).__name__}."
-        )
+    var = name if name.isidentifier() else "out"
+    logits = exit_sequence(
+        logits,
+        f"`{name}` must be a list or tuple of E exit logits tensors (B, K), got",
+        var,
+        f"Pass the model's list of exit outputs; for a single-exit model wrap it as [{var}].",
+        lambda i: f"`{name}[{i}]`",
+    )
     if len(logits) == 0:
         raise ValueError(
             f"`{name}` must hold at least one exit, got an empty {type(logits).__name__}."
         )
     first = logits[0]
     for i, z in enumerate(logits):
-        if not isinstance(z, Tensor):
-            raise TypeError(f"`{name}[{i}]` must be a Tensor (B, K), got {type(z).__name__}.")
         if not z.is_floating_point():
             raise TypeError(
                 f"`{name}[{i}]` must hold floating-point logits, got dtype {z.dtype}. "

@@ -24,14 +24,17 @@ import neokd_losses
 from neokd_losses import _validation as V
 from neokd_losses import functional as F
 from neokd_losses import models
+from neokd_losses._exits import stack_exits
 from neokd_losses.attacks import ExitView, MultiExitPGD
 from neokd_losses.distill import BoundarySupportingAttack, ab_connector, bss_weight_schedule
 from neokd_losses.evaluation import (
+    anytime_accuracy,
     anytime_table,
     budget_curve,
     budgeted_accuracy,
     budgeted_evaluation,
     exit_assignment,
+    exit_costs,
     exit_proportions,
     fit_thresholds,
     sanity_checks,
@@ -712,3 +715,65 @@ def test_upcast_and_devices_and_modes() -> None:
         net.train()
         raise RuntimeError
     assert net.training and net[0].training and not net[1].training
+
+
+# --------------------------------------------------------------------------- model outputs
+
+
+class _Returns(nn.Module):
+    """Two exits returned as a dict, stacked (E, B, K) or as ``(exits, features)``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, K)
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> Any:
+        a, b = self.fc(x), 2 * self.fc(x)
+        if self.kind == "dict":
+            return {"exit1": a, "exit2": b}
+        if self.kind == "stacked":
+            return torch.stack([a, b])
+        return [a, b], x
+
+
+_FIXES = {
+    "dict": r"dict with keys \['exit1', 'exit2'\]\. Return the exits as a list in exit order, "
+    r"`\[{var}\[k\] for k in \['exit1', 'exit2'\]\]`, e\.g\. by wrapping the model in the "
+    r"`ExitList` module of the how-to 'Wrap your own multi-exit model'",
+    "stacked": r"a single Tensor of shape \(2, 4, 3\), which looks like E = 2 exits stacked as "
+    r"\(E, B, K\)\. Unstack it: (pass `list\({var}\.unbind\(0\)\)`, or )?make the model's "
+    r"forward return `list\(out\.unbind\(0\)\)`",
+    "nested": r"tuple whose first item is a list of 2 items \(followed by Tensor\), which looks "
+    r"like `\(exits, features\)`\. Return the exit logits only: `return exits` instead of "
+    r"`return exits, features` in the model's forward \(or pass `{var}\[0\]`",
+}
+
+
+@pytest.mark.parametrize("kind", ["dict", "stacked", "nested"])
+def test_losses_name_the_output_kind_and_the_fix(kind: str) -> None:
+    out = _Returns(kind)(_images())
+    pattern = "`adv_logits` must be a list or tuple of E exit logits tensors \\(B, K\\), got "
+    with pytest.raises(TypeError, match=pattern + _FIXES[kind].format(var="adv_logits")):
+        F.neokd_loss(out, _logits(), _targets())
+    with pytest.raises(TypeError, match=_FIXES[kind].format(var="logits")):
+        stack_exits(out)
+
+
+@pytest.mark.parametrize("kind", ["dict", "stacked", "nested"])
+def test_evaluation_and_costs_name_the_output_kind_and_the_fix(kind: str) -> None:
+    model = _Returns(kind)
+    with pytest.raises(
+        TypeError, match="`model\\(images\\)` .* got " + _FIXES[kind].format(var="out")
+    ):
+        anytime_accuracy(model, _loader(), progress=False)
+    with pytest.raises(TypeError, match="_Returns returned " + _FIXES[kind].format(var="out")):
+        exit_costs(model, _images())
+    with pytest.raises(TypeError, match="_Returns returned " + _FIXES[kind].format(var="out")):
+        MultiExitPGD(model, eps=0.1, alpha=0.1, steps=1)(_images(), _targets())
+
+
+def test_a_stacked_output_never_suggests_a_single_output_attack() -> None:
+    with pytest.raises(TypeError) as info:
+        MultiExitPGD(_Returns("stacked"), eps=0.1, alpha=0.1, steps=1)(_images(), _targets())
+    assert "single-output" not in str(info.value) and "torchattacks.PGD" not in str(info.value)

@@ -8,48 +8,51 @@ one exit of a multi-exit network. Outputs are logits, never probabilities.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
+from neokd_losses._exits import exit_sequence
 from neokd_losses._validation import check_exit_index, check_int, check_module
 
 __all__ = ["ExitView"]
 
 
-def as_exit_list(output: Any, model_name: str) -> list[Tensor]:
-    """Return a multi-exit model's output as a list of E tensors, or raise a TypeError.
+def as_exit_list(output: Any, model_name: str, single_hint: str | None = None) -> list[Tensor]:
+    """Return a multi-exit model's output as a list of E tensors, or raise.
 
-    Only the kind of the output is checked here (a list or tuple, not a single tensor);
-    shapes and dtypes are checked by :func:`neokd_losses._exits.stack_exits`.
+    Only the kind of the output is checked here (a list or tuple of tensors); shapes and
+    dtypes are checked by :func:`neokd_losses._exits.stack_exits`. The messages name what
+    the model returned and the fix: ``list(out.unbind(0))`` for a stacked (E, B, K)
+    tensor, an ``ExitList`` wrapper for a dict, ``return exits`` for
+    ``(exits, features)``.
+
+    Args:
+        output: what the model returned.
+        model_name: the model's name in messages.
+        single_hint: the fix for a single (B, K) tensor; by default, use a stock
+            torchattacks attack.
 
     Raises:
-        TypeError: if the output is a single tensor or not a list/tuple of tensors.
+        TypeError: if the output is not a list or tuple of tensors.
         ValueError: if the output holds no exit.
     """
-    if isinstance(output, Tensor):
-        raise TypeError(
-            f"expected a multi-exit model whose forward returns a list or tuple of E exit "
-            f"logits tensors (B, K), but {model_name} returned a single Tensor of shape "
-            f"{tuple(output.shape)}. For a single-output model use a stock torchattacks "
-            "attack (e.g. torchattacks.PGD(model)); otherwise make forward return the list "
-            "of exit logits."
+    if single_hint is None:
+        single_hint = (
+            "For a single-output model use a stock torchattacks attack (e.g. "
+            "torchattacks.PGD(model)); otherwise make forward return the list of exit logits."
         )
-    if not isinstance(output, Sequence) or isinstance(output, (str, bytes)):
-        raise TypeError(
-            f"expected a multi-exit model whose forward returns a list or tuple of E exit "
-            f"logits tensors (B, K), but {model_name} returned {type(output).__name__}."
-        )
-    if len(output) == 0:
+    exits = exit_sequence(
+        output,
+        "expected a multi-exit model whose forward returns a list or tuple of E exit "
+        f"logits tensors (B, K), but {model_name} returned",
+        "out",
+        single_hint,
+        lambda i: f"exit {i} of {model_name}'s output",
+    )
+    if len(exits) == 0:
         raise ValueError(f"{model_name} returned an empty {type(output).__name__}: no exits.")
-    for i, z in enumerate(output):
-        if not isinstance(z, Tensor):
-            raise TypeError(
-                f"exit {i} of {model_name}'s output must be a Tensor (B, K), "
-                f"got {type(z).__name__}."
-            )
-    return list(output)
+    return list(exits)
 
 
 class ExitView(nn.Module):

@@ -33,6 +33,7 @@ so the result is the cost for ONE input.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from neokd_losses._validation import check_module, first_device
+from neokd_losses.attacks.exit_view import as_exit_list
 from neokd_losses.evaluation._loader import eval_mode
 
 __all__ = ["exit_costs"]
@@ -185,14 +187,30 @@ def _op_macs(func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -
     return 0.0
 
 
+def _storage_key(tensor: Tensor) -> int:
+    """The tensor's storage, as an int: views and in-place writes share it."""
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # e.g. tensors without storage
+        return -id(tensor)
+
+
 class _MacCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Counts multiply-adds of every ATen call and stamps each produced tensor with the count."""
+    """Counts multiply-adds of every ATen call and stamps each produced tensor with the count.
+
+    It also tracks data dependence: every operator with a cost gets a bit, and each
+    storage the bits of every operator its values were computed from (its ancestors), so
+    that ``dependence_cost`` can say what an exit needs regardless of execution order.
+    """
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.total = 0.0
         self.stamps: dict[int, float] = {}
-        self._keep_alive: list[Tensor] = []  # ids stay unique while the stamps are read
+        self.ancestors: dict[int, int] = {}  # id(output tensor) -> bits of its ancestors
+        self.op_macs: list[float] = []  # the multiply-adds of the operator with bit i
+        self._storages: dict[int, int] = {}  # storage key -> bits of what was written
+        self._keep_alive: list[Tensor] = []  # ids and storages stay unique while read
 
     def __torch_dispatch__(
         self,
@@ -203,12 +221,35 @@ class _MacCounter(TorchDispatchMode):  # type: ignore[no-untyped-call]
     ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self.total += _op_macs(func, args, kwargs, out)
+        macs = _op_macs(func, args, kwargs, out)
+        self.total += macs
+        bits = 0
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, Tensor):
+                bits |= self._storages.get(_storage_key(value), 0)
+        if macs:
+            bits |= 1 << len(self.op_macs)
+            self.op_macs.append(macs)
         for value in tree_flatten(out)[0]:
             if isinstance(value, Tensor):
+                key = _storage_key(value)
+                self._storages[key] = self._storages.get(key, 0) | bits
                 self.stamps[id(value)] = self.total
+                self.ancestors[id(value)] = self._storages[key]
                 self._keep_alive.append(value)
         return out
+
+    def dependence_cost(self, bits: int) -> float:
+        """The multiply-adds of the operators in ``bits``."""
+        return sum(m for i, m in enumerate(self.op_macs) if bits >> i & 1)
+
+
+# Warn when an exit is charged more than this multiple of the work its logits (and the
+# earlier exits') depend on. Models that compute exits in order stay below it (MSDNet:
+# at most about 1.33, for exit 1 of the ImageNet model, since the finer scales of a
+# block's last layer feed only later blocks; SmallCNN and attach_exits wrappers: 1.0);
+# the trunk-first TinyMultiExit of the tests charges exit 1 10.5 times what it needs.
+_OUT_OF_ORDER_RATIO = 1.5
 
 
 def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
@@ -225,8 +266,12 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
 
     The measurement assumes the model computes its exits in order, as it would when
     inputs leave early (MSDNet, SmallCNN, :func:`~neokd_losses.models.attach_exits`
-    wrappers). A model that runs its whole trunk before the first head charges the
-    whole trunk to exit 1. Pass the model itself, not a ``torch.compile`` wrapper.
+    wrappers): each head right after the block it reads. A model that runs its whole
+    trunk before the first head would charge the whole trunk to exit 1; the data
+    dependence of each exit's logits is tracked as well, and when an exit is charged
+    more than 1.5 times the work it (and the earlier exits) depend on, a
+    ``RuntimeWarning`` names the fix and the costs by data dependence. Pass the model
+    itself, not a ``torch.compile`` wrapper.
 
     With the counting convention of the public MSDNet reference implementation
     (convolutions, linear layers with their bias, ReLUs and pooling; batch norm free) the
@@ -247,25 +292,25 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
         TypeError: if ``model`` is not an ``nn.Module``, ``example_input`` is not a
             tensor with a batch dimension, or the model does not return a sequence of
             tensors.
-        ValueError: if the batch is empty or the model returns no exits.
+        ValueError: if the batch is empty, the model returns no exits, or an exit's
+            first dimension is not the batch size (an input without batch dimension).
+        RuntimeError: if the model fails on ``example_input``; the message adds the
+            input's shape and how to add a batch dimension.
+
+    Warns:
+        RuntimeWarning: if the model computes exit heads after work they do not depend
+            on (its trunk before its heads), so that the costs overstate early exits.
 
     Shape:
         - example_input: (B, ...), e.g. (B, C, H, W) for images.
         - output: a list of E floats.
 
     Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> class TwoExits(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.body = nn.Linear(8, 8)
-        ...         self.head1, self.head2 = nn.Linear(8, 3), nn.Linear(8, 3)
-        ...     def forward(self, x):
-        ...         z1 = self.head1(x)
-        ...         return [z1, self.head2(torch.relu(self.body(x)))]
-        >>> exit_costs(TwoExits(), torch.zeros(4, 8))  # 8*3+3; then + 8*8+8 + 8 + 8*3+3
-        [27.0, 134.0]
+        >>> # TwoExits: [a(h), b(tanh(h))] with two Linear(4, 3)
+        >>> exit_costs(TwoExits(in_features=4, num_classes=3), torch.zeros(2, 4))
+        [15.0, 34.0]
+
+        Exit 1 costs a: 4·3 + 3; exit 2 adds tanh (4) and b (4·3 + 3).
     """
     check_module(model)
     if not isinstance(example_input, Tensor):
@@ -286,26 +331,56 @@ def exit_costs(model: nn.Module, example_input: Tensor) -> list[float]:
     if device is not None and example_input.device != device:
         example_input = example_input.to(device)
     counter = _MacCounter()
+    name = type(model).__name__
     # eval_mode restores every submodule's own mode (a frozen BatchNorm inside a model in
     # train mode stays frozen); model.train(was_training) would reset them all.
     with eval_mode(model), torch.no_grad(), counter:
-        outputs = model(example_input)
-    if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence):
-        raise TypeError(
-            "`model` must return a list or tuple of E exit logits tensors (B, K), got "
-            f"{type(outputs).__name__}. For a single-exit model the cost is the total count."
-        )
-    if len(outputs) == 0:
-        raise ValueError("`model` returned no exits (an empty sequence); expected E >= 1 logits.")
+        try:
+            outputs = model(example_input)
+        except RuntimeError as err:  # torch's shape errors: say what was passed
+            raise RuntimeError(
+                f"{name}(example_input) failed for `example_input` of shape "
+                f"{tuple(example_input.shape)}: {err}\n`example_input` must be one batch "
+                "(B, ...) that the model accepts; for a single sample without a batch "
+                "dimension pass `example_input.unsqueeze(0)`."
+            ) from err
+    exits = as_exit_list(
+        outputs, name, "For a single-exit model the cost of its one exit is the total count."
+    )
     costs: list[float] = []
-    running = 0.0
-    for i, logits in enumerate(outputs):
-        if not isinstance(logits, Tensor):
-            raise TypeError(
-                f"exit {i} of the model's output must be a Tensor, got {type(logits).__name__}."
+    needed: list[float] = []
+    running, bits = 0.0, 0
+    for i, logits in enumerate(exits):
+        if logits.dim() == 0 or logits.shape[0] != batch:
+            raise ValueError(
+                f"exit {i} of {name} has shape {tuple(logits.shape)}, not (B, K) with the "
+                f"B = {batch} samples of `example_input` {tuple(example_input.shape)}. "
+                "`example_input` must be a batch (B, ...); for a single sample without a "
+                "batch dimension pass `example_input.unsqueeze(0)`."
             )
         # A tensor no operator produced (e.g. the input returned as is) cost nothing.
-        stamp = counter.stamps.get(id(logits), 0.0)
-        running = max(running, stamp)
+        running = max(running, counter.stamps.get(id(logits), 0.0))
+        bits |= counter.ancestors.get(id(logits), 0)
         costs.append(running / batch)
+        needed.append(counter.dependence_cost(bits) / batch)
+    _warn_if_out_of_order(name, costs, needed)
     return costs
+
+
+def _warn_if_out_of_order(name: str, costs: list[float], needed: list[float]) -> None:
+    """RuntimeWarning when an exit is charged much more than its logits depend on."""
+    for k, (charged, need) in enumerate(zip(costs, needed)):
+        if charged > _OUT_OF_ORDER_RATIO * need:
+            warnings.warn(
+                f"exit_costs charges each exit what the model computed before that exit's "
+                f"logits, but {name} computes exit {k + 1}'s logits after work that exits "
+                f"1..{k + 1} do not depend on: {charged:.6g} multiply-adds charged, "
+                f"{need:.6g} by data dependence. The model probably runs its whole trunk "
+                "before its exit heads, so these costs (and any budget curve built on "
+                "them) overstate the early exits. Compute each exit's head right after the "
+                "block it reads, in forward's order (see ThreeExitNet on the concepts "
+                f"page). Costs by data dependence: {[round(c, 6) for c in needed]}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return

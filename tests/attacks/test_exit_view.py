@@ -180,3 +180,50 @@ def test_view_holds_the_model_itself_not_a_copy(model):
         model.heads[0].bias.add_(1.0)  # an update to the model is seen through the view
     x = torch.rand(3, 16)
     torch.testing.assert_close(view(x), model(x)[0], rtol=0, atol=0)
+
+
+class _Returns(nn.Module):
+    """Two exits of one linear layer, returned as ``kind`` says."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.kind = kind
+
+    def forward(self, x):
+        a, b = self.fc(x), 2 * self.fc(x)
+        if self.kind == "dict":
+            return {"exit1": a, "exit2": b}
+        if self.kind == "stacked":
+            return torch.stack([a, b])
+        return [a, b], x  # (exits, features)
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [
+        (
+            "dict",
+            r"_Returns returned dict with keys \['exit1', 'exit2'\]\. Return the exits as a "
+            r"list in exit order, `\[out\[k\] for k in \['exit1', 'exit2'\]\]`.*`ExitList` "
+            r"module of the how-to 'Wrap your own multi-exit model'",
+        ),
+        (
+            "stacked",
+            r"_Returns returned a single Tensor of shape \(2, 5, 3\), which looks like E = 2 "
+            r"exits stacked as \(E, B, K\)\. Unstack it: make the model's forward return "
+            r"`list\(out.unbind\(0\)\)`\.$",
+        ),
+        (
+            "nested",
+            r"_Returns returned tuple whose first item is a list of 2 items \(followed by "
+            r"Tensor\), which looks like `\(exits, features\)`\. Return the exit logits only: "
+            r"`return exits` instead of `return exits, features`",
+        ),
+    ],
+)
+def test_other_output_kinds_name_what_was_returned_and_the_fix(kind, match):
+    with pytest.raises(TypeError, match=match) as info:
+        ExitView(_Returns(kind), 0)(torch.rand(5, 4))
+    # A stacked (E, B, K) output is a multi-exit model: never suggest a single-output attack.
+    assert "torchattacks.PGD" not in str(info.value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -136,15 +137,64 @@ def test_exits_returned_out_of_computation_order_are_made_cumulative() -> None:
     assert exit_costs(Reversed(), torch.rand(2, 6)) == [3 * (stage + head)] * 3
 
 
-def test_a_model_computing_its_trunk_first_charges_it_to_exit_one() -> None:
-    model = TinyMultiExit(in_channels=1, num_classes=10, width=8)
-    costs = exit_costs(model, torch.rand(2, 1, 8, 8))
-    trunk = 8 * 8 * 8 * 9 + 8 * 8 * 8  # block1: conv 1→8 and ReLU
-    trunk += 8 * 8 * 8 * 8 * 9 + 8 * 8 * 8 + 8 * 4 * 4 * 4  # block2: conv, ReLU, maxpool
-    trunk += 4 * 4 * 16 * 8 * 9 + 4 * 4 * 16 + 16 * 2 * 2 * 4  # block3
+def test_a_model_computing_its_trunk_first_charges_it_to_exit_one_and_warns() -> None:
+    model = TinyMultiExit(in_channels=1, num_classes=10, width=8)  # trunk, then the heads
+    with pytest.warns(RuntimeWarning, match="runs its whole trunk before its exit heads") as rec:
+        costs = exit_costs(model, torch.rand(2, 1, 8, 8))
+    block1 = 8 * 8 * 8 * 9 + 8 * 8 * 8  # conv 1→8 and ReLU
+    block2 = 8 * 8 * 8 * 8 * 9 + 8 * 8 * 8 + 8 * 4 * 4 * 4  # conv, ReLU, maxpool
+    block3 = 4 * 4 * 16 * 8 * 9 + 4 * 4 * 16 + 16 * 2 * 2 * 4
     head1 = 8 * 8 * 8 + 32 * 10 + 10  # adaptive pooling counts its input, then linear
-    assert costs[0] == trunk + head1
+    assert costs[0] == block1 + block2 + block3 + head1
     assert costs[0] < costs[1] < costs[2]
+    # The warning names the fix and the costs by data dependence: exit 1 needs block 1
+    # and its head only.
+    message = str(rec[0].message)
+    assert "Compute each exit's head right after the block it reads" in message
+    assert f"{float(block1 + head1)}" in message.split("data dependence:")[-1]
+    assert "exit 1's logits" in message
+
+
+class _ThreeExitNetInOrder(TinyMultiExit):
+    """TinyMultiExit with each head computed right after its block (the fix)."""
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        h1 = self.block1(x)
+        z1 = self.head1(h1)
+        h2 = self.block2(h1)
+        z2 = self.head2(h2)
+        return [z1, z2, self.dropout(self.head3(self.block3(h2)))]
+
+
+def test_computing_exits_in_order_gives_the_true_costs_without_warning() -> None:
+    block1 = 8 * 8 * 8 * 9 + 8 * 8 * 8
+    block2 = 8 * 8 * 8 * 8 * 9 + 8 * 8 * 8 + 8 * 4 * 4 * 4
+    block3 = 4 * 4 * 16 * 8 * 9 + 4 * 4 * 16 + 16 * 2 * 2 * 4
+    head1, head2, head3 = 8 * 8 * 8 + 32 * 10 + 10, 8 * 4 * 4 + 32 * 10 + 10, 64 * 10 + 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        costs = exit_costs(_ThreeExitNetInOrder(), torch.rand(2, 1, 8, 8))
+    assert costs == [
+        block1 + head1,
+        block1 + head1 + block2 + head2,
+        block1 + head1 + block2 + head2 + block3 + head3,
+    ]
+
+
+def test_dependence_follows_in_place_writes_and_views() -> None:
+    # Writing into a slice of a buffer (a view) makes the buffer depend on what was
+    # written: exit 2 reads the buffer, so it needs the costly product, and no warning.
+    class Buffered(nn.Module):
+        def forward(self, x: Tensor) -> list[Tensor]:
+            z1 = x @ torch.ones(3, 2)
+            buffer = torch.zeros(x.shape[0], 4)
+            buffer[:, :2] = torch.relu(x @ torch.ones(3, 2))
+            return [z1, buffer @ torch.ones(4, 2)]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        costs = exit_costs(Buffered(), torch.rand(5, 3))
+    assert costs == [6.0, 6.0 + 6.0 + 2.0 + 8.0]
 
 
 def test_an_exit_no_operator_produced_costs_nothing() -> None:
@@ -205,6 +255,21 @@ class _Returns(nn.Module):
         return self.fn(x)
 
 
+def test_an_input_without_batch_dimension_names_the_fix() -> None:
+    # A linear model accepts one sample (D,) but returns (K,): not one row per sample.
+    with pytest.raises(ValueError, match=r"exit 0 of _ThreeExits has shape \(4,\), not \(B, K\)"):
+        exit_costs(_ThreeExits(), torch.rand(6))
+    with pytest.raises(ValueError, match=r"`example_input.unsqueeze\(0\)`"):
+        exit_costs(_ThreeExits(), torch.rand(6))
+    # A model that fails on it: torch's error, with what was passed and the fix.
+    with pytest.raises(
+        RuntimeError,
+        match=r"(?s)TinyMultiExit\(example_input\) failed for `example_input` of shape "
+        r"\(1, 8, 8\): .*`example_input.unsqueeze\(0\)`",
+    ):
+        exit_costs(TinyMultiExit(), torch.rand(1, 8, 8))
+
+
 @pytest.mark.parametrize(
     ("model", "x", "error", "match"),
     [
@@ -221,14 +286,21 @@ class _Returns(nn.Module):
             _Returns(lambda x: x * 2),
             torch.rand(2, 3),
             TypeError,
-            r"list or tuple of E exit logits .* got Tensor",
+            r"list or tuple of E exit logits .* single Tensor of shape \(2, 3\)\. For a "
+            "single-exit model the cost of its one exit is the total count",
         ),
-        (_Returns(lambda x: []), torch.rand(2, 3), ValueError, r"returned no exits"),
+        (_Returns(lambda x: []), torch.rand(2, 3), ValueError, r"returned an empty list"),
         (
             _Returns(lambda x: [x * 2, 3]),
             torch.rand(2, 3),
             TypeError,
-            r"exit 1 .* must be a Tensor, got int",
+            r"exit 1 of _Returns's output must be a Tensor \(B, K\), got int",
+        ),
+        (
+            _Returns(lambda x: torch.stack([x, x])),
+            torch.rand(2, 3),
+            TypeError,
+            r"E = 2 exits stacked as \(E, B, K\).*`list\(out.unbind\(0\)\)`",
         ),
     ],
 )
