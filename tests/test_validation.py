@@ -86,6 +86,13 @@ def _stacked() -> torch.Tensor:
     return torch.stack(_logits())
 
 
+def _plots() -> Any:
+    pytest.importorskip("matplotlib")
+    from neokd_losses.evaluation import plots
+
+    return plots
+
+
 def _call(fn: Callable[..., Any], *args: Any) -> Callable[[dict[str, Any]], Any]:
     """A case body: ``fn(*args(), **kwargs)`` with arguments built fresh for every call."""
 
@@ -339,6 +346,23 @@ CASES = [
         ints=("digits",),
     ),
     Case(
+        "plot_exit_accuracies",
+        lambda kw: _plots().plot_exit_accuracies({"clean": [0.5, 0.75]}, **kw),
+        ints=("dpi",),
+    ),
+    Case(
+        "plot_transferability",
+        lambda kw: _plots().plot_transferability([[0.5, 0.25], [0.0, 1.0]], **kw),
+        ints=("dpi", "digits"),
+    ),
+    Case(
+        "plot_budget_curves",
+        lambda kw: _plots().plot_budget_curves(
+            {"a": {"mean_costs": [1.0, 2.0], "accuracies": [0.5, 0.7]}}, **kw
+        ),
+        ints=("dpi",),
+    ),
+    Case(
         "sanity_checks",
         _call(sanity_checks, _Linear2(), _loader),
         {
@@ -478,9 +502,6 @@ def test_cases_cover_every_public_callable_with_a_number() -> None:
         "msdnet_imagenet",
         "msdnet_tinyimagenet",
         "exit_costs",
-        "plot_budget_curves",
-        "plot_exit_accuracies",
-        "plot_transferability",
         "anytime_accuracy",
         "collect_logits",
         "off_diagonal_mean",
