@@ -83,15 +83,7 @@ class ExitView(nn.Module):
         - output: (B, K), the logits of exit ``exit_index``.
 
     Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> class TwoExits(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.fc = nn.Linear(4, 3)
-        ...     def forward(self, x):
-        ...         return [self.fc(x), 2 * self.fc(x)]
-        >>> model = TwoExits()
+        >>> model = TwoExits(in_features=4, num_classes=3)
         >>> x = torch.randn(5, 4)
         >>> last = ExitView(model, -1)
         >>> torch.equal(last(x), model(x)[1])
@@ -100,7 +92,8 @@ class ExitView(nn.Module):
         ExitView(
           exit_index=-1
           (model): TwoExits(
-            (fc): Linear(in_features=4, out_features=3, bias=True)
+            (a): Linear(in_features=4, out_features=3, bias=True)
+            (b): Linear(in_features=4, out_features=3, bias=True)
           )
         )
         >>> _ = model.eval()
