@@ -25,6 +25,7 @@ from neokd_losses._validation import (
     check_reduction,
     check_targets,
     check_temperature,
+    upcast,
 )
 
 __all__ = [
@@ -46,8 +47,6 @@ __all__ = [
 
 ExitLogits = Sequence[Tensor]
 """A model output: a list or tuple of E logits tensors, each (B, K)."""
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 _HOW_TO = "the how-to 'Wrap your own multi-exit model'"
@@ -173,10 +172,7 @@ def stack_exits(logits: ExitLogits, name: str = "logits") -> Tensor:
                 f"all exits in `{name}` must have the same shape (B, K): exit 0 is "
                 f"{tuple(first.shape)}, exit {i} is {tuple(z.shape)}."
             )
-    stacked = torch.stack(tuple(logits))
-    if stacked.dtype in _LOW_PRECISION:
-        stacked = stacked.float()
-    return stacked
+    return upcast(torch.stack(tuple(logits)))
 
 
 def check_same_exits(student: Tensor, teacher: Tensor, names: tuple[str, str]) -> None:
