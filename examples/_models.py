@@ -67,9 +67,12 @@ class DigitsCNN(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        # Each exit right after the block it reads, so that exit_costs charges exit 1
+        # only block 1 and its head (same outputs as computing the trunk first).
         h1 = self.block1(x)
+        z1 = self.head1(h1)
         h2 = self.block2(h1)
-        return [self.head1(h1), self.head2(h2), self.block3(h2)]
+        return [z1, self.head2(h2), self.block3(h2)]
 
 
 class Normalized(nn.Module):
