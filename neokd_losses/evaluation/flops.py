@@ -371,10 +371,11 @@ def _warn_if_out_of_order(name: str, costs: list[float], needed: list[float]) ->
     """RuntimeWarning when an exit is charged much more than its logits depend on."""
     for k, (charged, need) in enumerate(zip(costs, needed)):
         if charged > _OUT_OF_ORDER_RATIO * need:
+            exits = "exit 1 does" if k == 0 else f"exits 1..{k + 1} do"
             warnings.warn(
                 f"exit_costs charges each exit what the model computed before that exit's "
-                f"logits, but {name} computes exit {k + 1}'s logits after work that exits "
-                f"1..{k + 1} do not depend on: {charged:.6g} multiply-adds charged, "
+                f"logits, but {name} computes exit {k + 1}'s logits after work that {exits} "
+                f"not depend on: {charged:.6g} multiply-adds charged, "
                 f"{need:.6g} by data dependence. The model probably runs its whole trunk "
                 "before its exit heads, so these costs (and any budget curve built on "
                 "them) overstate the early exits. Compute each exit's head right after the "
