@@ -139,10 +139,7 @@ def load(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no checkpoint at {str(path)!r}; run without --resume to start fresh."
         )
-    advice = (
-        "Start a new run with --overwrite or another --out-dir (a checkpoint is never "
-        "repaired: do not load this file with weights_only=False either)."
-    )
+    advice = "Start a new run with --overwrite or another --out-dir."
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle means the same here
