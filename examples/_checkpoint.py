@@ -142,7 +142,7 @@ def load(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     advice = "Start a new run with --overwrite or another --out-dir."
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure to unpickle means the same here
+    except Exception as err:  # any failure to unpickle means the same here
         # torch's own message suggests weights_only=False, which is unsafe for a file of
         # unknown origin: keep only the kind of failure.
         kind = type(err).__name__

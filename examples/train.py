@@ -217,7 +217,7 @@ def count_exits(config: Config) -> int | None:
         with torch.device("meta"):
             model = build_model(config.model.name, classes, channels)
             return len(model(torch.zeros(1, channels, side, side)))
-    except Exception:  # noqa: BLE001 - a mismatched model/dataset pair fails later, clearly
+    except Exception:  # a mismatched model/dataset pair fails later, clearly
         return None
 
 
@@ -481,7 +481,7 @@ def load_initial_weights(model: nn.Module, path: str | Path) -> None:
     key = f"`model.init_from` = {str(path)!r}"
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - see _checkpoint.load
+    except Exception as err:  # see _checkpoint.load
         raise ConfigError(
             f"{key} cannot be read ({type(err).__name__}): not a torch file holding only "
             "tensors and plain containers (state dicts and this loop's checkpoints are)."
