@@ -5,8 +5,8 @@
 A reference run of a short digits setting trains uninterrupted. Each trial starts the
 same run in its own directory and kills it with SIGKILL at a uniformly random moment of
 its training: from the moment the run directory is prepared (``config.toml`` appears)
-over the reference's training time, so kills land in steps, checkpoint writes and log
-writes alike. It then resumes the run (``--resume`` when a checkpoint exists, a plain
+to the moment the reference wrote its last log line (plus 10 %), so kills land in steps,
+checkpoint writes and log writes alike. It then resumes the run (``--resume`` when a checkpoint exists, a plain
 start otherwise) and requires the uninterrupted run's exact weights, the same log (times
 aside), a finished checkpoint that loads with ``weights_only=True``, and no temporary
 checkpoint file left. Prints one line per trial and ``N trials, F failures``; exits 1
@@ -82,7 +82,10 @@ def _log(out_dir: Path) -> list[dict[str, Any]]:
 
     path = out_dir / "log.jsonl"
     lines = path.read_text().splitlines() if path.exists() else []
-    return [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines if x]
+    # (a line being appended right now may be incomplete: only whole lines count)
+    return [
+        {k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines if x.endswith("}")
+    ]
 
 
 def compare(got: Path, ref: Path) -> str | None:
@@ -133,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         ref = work / "reference"
         proc = start(ref, args.epochs)
         began = wait_for_training(proc, ref)
+        while proc.poll() is None and len(_log(ref)) < args.epochs:
+            time.sleep(0.005)
+        duration = 1.1 * (time.monotonic() - began)
         _, stderr = proc.communicate()
-        duration = time.monotonic() - began
         if proc.returncode != 0:
             print(f"reference run failed ({proc.returncode}): {stderr.decode()[-800:]}")
             return 1
