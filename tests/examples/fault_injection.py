@@ -77,7 +77,7 @@ def finish(out_dir: Path, epochs: int) -> str | None:
     return None
 
 
-def _log(out_dir: Path) -> list[dict[str, Any]]:
+def _log(out_dir: Path, whole_lines_only: bool = False) -> list[dict[str, Any]]:
     import json
 
     path = out_dir / "log.jsonl"
@@ -113,7 +113,10 @@ def compare(got: Path, ref: Path) -> str | None:
 def where(out_dir: Path) -> str:
     """What the killed run left: the checkpoint position and the log length."""
     path = out_dir / "checkpoint.pt"
-    lines = len(_log(out_dir))
+    try:
+        lines: Any = len(_log(out_dir))
+    except ValueError:
+        lines = "a broken"
     if not path.exists():
         return f"no checkpoint, {lines} log line(s)"
     try:
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = work / "reference"
         proc = start(ref, args.epochs)
         began = wait_for_training(proc, ref)
-        while proc.poll() is None and len(_log(ref)) < args.epochs:
+        while proc.poll() is None and len(_log(ref, whole_lines_only=True)) < args.epochs:
             time.sleep(0.005)
         duration = 1.1 * (time.monotonic() - began)
         _, stderr = proc.communicate()
