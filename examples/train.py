@@ -989,15 +989,15 @@ def _run(
 
     # 2. The run directory: writable, and holding what --resume / --overwrite expect.
     def check_dir() -> None:
+        if resume and not ckpt_path.is_file():
+            raise FileNotFoundError(
+                f"--resume: no checkpoint at {ckpt_path}; run without --resume to start."
+            )
         check_out_dir(out_dir)
         if ckpt_path.exists() and not (resume or overwrite):
             raise ResumeError(
                 f"{out_dir} already holds a checkpoint; pass --resume to continue it, "
                 "--overwrite to start again from scratch, or --out-dir for a separate run."
-            )
-        if resume and not ckpt_path.is_file():
-            raise FileNotFoundError(
-                f"--resume: no checkpoint at {ckpt_path}; run without --resume to start."
             )
 
     _broadcast_error(check_dir, env)
