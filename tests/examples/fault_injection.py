@@ -1,6 +1,6 @@
 """Fault injection for the reference loop: kill -9 at random moments, resume, compare.
 
-    python tests/examples/fault_injection.py --trials 20 [--seed 0] [--work DIR]
+    python tests/examples/fault_injection.py --trials 20 [--seed 0] [--sigterm] [--work DIR]
 
 A reference run of a short digits setting trains uninterrupted. Each trial starts the
 same run in its own directory and kills it with SIGKILL at a uniformly random moment of
@@ -9,7 +9,9 @@ to the moment the reference wrote its last log line (plus 10 %), so kills land i
 checkpoint writes and log writes alike. It then resumes the run (``--resume`` when a checkpoint exists, a plain
 start otherwise) and requires the uninterrupted run's exact weights, the same log (times
 aside), a finished checkpoint that loads with ``weights_only=True``, and no temporary
-checkpoint file left. Prints one line per trial and ``N trials, F failures``; exits 1
+checkpoint file left. With ``--sigterm`` every second trial sends SIGTERM instead (a
+graceful stop, which checkpoints in the middle of an epoch: exit 143 expected). Prints
+one line per trial and ``N trials, F failures``; exits 1
 on any failure. ``tests/examples/test_fault_injection.py`` runs it with 2 trials.
 """
 
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=int(SETTINGS["optim.epochs"]))
+    parser.add_argument("--sigterm", action="store_true", help="odd trials send SIGTERM")
     parser.add_argument("--work", help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
@@ -155,17 +158,20 @@ def main(argv: list[str] | None = None) -> int:
             began = wait_for_training(proc, out)
             while proc.poll() is None and time.monotonic() - began < delay:
                 time.sleep(0.002)
-            killed = proc.poll() is None
-            if killed:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            sig = signal.SIGTERM if args.sigterm and trial % 2 else signal.SIGKILL
+            sent = proc.poll() is None
+            if sent:
+                proc.send_signal(sig)
+            code = proc.wait()
             left = where(out)
-            problem = finish(out, args.epochs) or compare(out, ref)
+            problem = None
+            if sig == signal.SIGTERM and sent and code not in (0, 143):
+                problem = f"exit code {code} after SIGTERM (143 or 0 expected)"
+            problem = problem or finish(out, args.epochs) or compare(out, ref)
             failures += problem is not None
+            what = f"{sig.name} sent" if sent else f"finished before {sig.name}"
             print(
-                f"trial {trial}: {'killed' if killed else 'finished before the kill'} after "
-                f"{delay:.2f}s ({left}): {problem or 'ok'}",
-                flush=True,
+                f"trial {trial}: {what} after {delay:.2f}s ({left}): {problem or 'ok'}", flush=True
             )
         print(f"{args.trials} trials, {failures} failures")
     return 1 if failures else 0

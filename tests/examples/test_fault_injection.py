@@ -10,10 +10,13 @@ import torch
 from . import fault_injection
 
 
-def test_kill_nine_at_random_moments_then_resume_is_exact(
+def test_kill_nine_and_sigterm_at_random_moments_then_resume_is_exact(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert fault_injection.main(["--trials", "2", "--seed", "3", "--work", str(tmp_path)]) == 0
+    assert (
+        fault_injection.main(["--trials", "2", "--seed", "3", "--sigterm", "--work", str(tmp_path)])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "2 trials, 0 failures" in out and out.count(": ok") == 2, out
 
