@@ -5,7 +5,10 @@ float, bool, None), so ``torch.load(..., weights_only=True)`` accepts it: RNG st
 numpy and Python's ``random`` are converted to tensors and lists, the LR scheduler's
 ``Counter`` of milestones to a plain dict. It is written to a temporary file in the same
 directory, flushed to disk and renamed over the old one, so a crash mid-write never
-leaves a truncated checkpoint.
+leaves a truncated checkpoint; it gets the mode of any file the process creates
+(``0o666`` less the umask, like ``config.toml`` and the log), not ``mkstemp``'s 0600.
+A temporary file left by a killed write (``.checkpoint.pt.*.tmp``) is removed by
+:func:`remove_stale_temporaries` when the run starts or resumes.
 """
 
 from __future__ import annotations
@@ -21,6 +24,31 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or is not one of this training loop's."""
+
+
+def _file_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open(path, "w")`` gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def temporary_files(path: str | Path) -> list[Path]:
+    """The temporary files :func:`save_atomic` creates beside ``path`` (left by a kill)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files of earlier writes of ``path``; return what was removed."""
+    removed = temporary_files(path)
+    for tmp in removed:
+        tmp.unlink(missing_ok=True)
+    return removed
 
 
 def capture_rng() -> dict[str, Any]:
@@ -82,6 +110,7 @@ def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             torch.save(payload, handle)
             handle.flush()
@@ -92,23 +121,44 @@ def save_atomic(payload: dict[str, Any], path: str | Path) -> None:
         raise
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint on the CPU with ``weights_only=True``; check its format version.
+def load(path: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with ``weights_only=True``; check its format and keys.
+
+    Args:
+        path: the checkpoint file.
+        required: keys the payload must have.
 
     Raises:
         FileNotFoundError: if there is no checkpoint at ``path``.
-        ValueError: if the file is not a checkpoint of this training loop.
+        CheckpointError: (a ValueError) if the file cannot be read, is not a checkpoint of
+            this training loop, or lacks a required key; the message names the file and
+            what is wrong, in one paragraph.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {str(path)!r}; run without --resume to start fresh."
         )
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    advice = "Start a new run with --overwrite or another --out-dir."
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure to unpickle means the same here
+        # torch's own message suggests weights_only=False, which is unsafe for a file of
+        # unknown origin: keep only the kind of failure.
+        kind = type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({kind}: truncated, corrupted, or not "
+            f"a torch file holding only tensors and plain containers). {advice}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not a checkpoint of examples/train.py (format {FORMAT_VERSION} "
-            f"expected, found {found!r})."
+            f"expected, found {found!r}). {advice}"
+        )
+    missing = [key for key in required if key not in payload]
+    if missing:
+        raise CheckpointError(
+            f"{path} is incomplete: it lacks the key(s) {', '.join(map(repr, missing))}. {advice}"
         )
     return payload

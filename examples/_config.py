@@ -5,16 +5,17 @@ A config is a TOML file with the sections below (every key documented in
 
     [data]    dataset, data_dir, download, val_size, test_size, train_cap, eval_cap,
               augment, normalize, num_workers, split_seed
-    [model]   name
+    [model]   name, init_from
     [loss]    method, and one sub-table per method with constructor keywords:
               [loss.neokd] (also used by nkd / eokd), [loss.skd], [loss.ard], [loss.adv]
     [optim]   epochs, batch_size, lr, momentum, weight_decay, milestones, gamma, nesterov
     [attack]  eps, step_size, train_steps, train_mode, eval_steps, random_start
     [eval]    batch_size, budget_points, transfer_cap, plots
-    [run]     seed, out_dir, device, amp, compile, channels_last
+    [run]     seed, out_dir, device, amp, compile, channels_last, tensorboard
 
 Unknown sections or keys, values of the wrong type and values out of range raise a
-``ConfigError`` that names the key, the expected and the received value. Command-line
+``ConfigError`` that names the key, the expected and the received value; every number
+must be finite (NaN and infinity are rejected with the key). Command-line
 overrides use the same dotted keys (``--set optim.lr=0.05``), their values parsed as TOML.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +72,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
+    init_from: str = ""  # a state dict or a checkpoint of this loop to start from (fine-tuning)
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class RunConfig:
     amp: str = "none"
     compile: bool = False
     channels_last: str = "auto"
+    tensorboard: str = ""  # a folder for TensorBoard event files ("" = off)
 
 
 @dataclass(frozen=True)
@@ -149,11 +153,13 @@ class Config:
         """The settings that define the training trajectory; a resume must match them.
 
         Everything except what can change without altering the weights' trajectory: the
-        number of epochs (a run may be extended), paths, worker counts, the device and
-        speed options, and every evaluation setting.
+        number of epochs (a run may be extended), paths (``model.init_from`` included: a
+        resumed run takes its weights from the checkpoint), worker counts, the device,
+        speed and logging options, and every evaluation setting.
         """
         d = self.to_dict()
         d.pop("name")
+        d["model"].pop("init_from")
         d.pop("eval")
         for key in ("data_dir", "download", "num_workers", "eval_cap"):
             d["data"].pop(key)
@@ -200,6 +206,11 @@ def _check_type(key: str, value: Any, annotation: str) -> Any:
     if annotation == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"`{key}` must be a number, got {value!r} ({_type_name(value)}).")
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"`{key}` must be a finite number, got {value!r}; set it to a finite value "
+                "(examples/configs/*.toml show the usual ones)."
+            )
         return float(value)
     if annotation == "str":
         if not isinstance(value, str):
@@ -295,6 +306,11 @@ def validate(config: Config) -> Config:
         _at_least(key, value, 1)
     _at_least("optim.lr", o.lr, 0, strict=True)
     _at_least("attack.step_size", a.step_size, 0, strict=True)
+    if o.momentum >= 1:
+        raise ConfigError(
+            f"`optim.momentum` must be < 1 (SGD diverges otherwise), got {o.momentum!r}; "
+            "the paper uses 0.9."
+        )
     if not 0 < o.gamma <= 1:
         raise ConfigError(f"`optim.gamma` must be in (0, 1], got {o.gamma!r}.")
     if a.eps > 1:

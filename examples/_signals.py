@@ -3,6 +3,9 @@
 The first signal only raises a flag that the training loop checks after every optimiser
 step; it then saves a checkpoint at that exact position and exits with 128 + the signal
 number (130 for SIGINT, 143 for SIGTERM). A second SIGINT interrupts at once.
+
+Where there is no step to finish (the final evaluation, after the last checkpoint), the
+loop sets ``immediate``: a signal then raises :class:`Interrupted` at once.
 """
 
 from __future__ import annotations
@@ -13,12 +16,21 @@ from types import FrameType, TracebackType
 from typing import Any
 
 
+class Interrupted(BaseException):
+    """Raised by the handler in ``immediate`` mode (like KeyboardInterrupt, not an Exception)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 class StopRequest:
     """Context manager that installs the handlers and remembers the first signal."""
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
         self.signals = signals
         self.received: int | None = None
+        self.immediate = False
         self._previous: dict[int, Any] = {}
 
     @property
@@ -33,6 +45,8 @@ class StopRequest:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
+        if self.immediate:
+            raise Interrupted(signum)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

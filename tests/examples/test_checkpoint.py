@@ -73,3 +73,32 @@ def test_load_errors(tmp_path: Path) -> None:
         ValueError, match=r"not a checkpoint of examples/train.py \(format 1 expected, found None\)"
     ):
         _checkpoint.load(tmp_path / "other.pt")
+
+
+def test_checkpoint_file_mode_is_that_of_any_new_file(tmp_path: Path) -> None:
+    _checkpoint.save_atomic({"format": _checkpoint.FORMAT_VERSION}, tmp_path / "c.pt")
+    (tmp_path / "plain.txt").write_text("x")  # what open() gives under this umask
+    mode = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == mode
+
+
+def test_stale_temporaries_of_this_file_only_are_removed(tmp_path: Path) -> None:
+    names = [".c.pt.abc123.tmp", ".c.pt.x.tmp", ".other.pt.abc.tmp", "c.pt", ".c.pt.keep"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = _checkpoint.remove_stale_temporaries(tmp_path / "c.pt")
+    assert sorted(p.name for p in removed) == [".c.pt.abc123.tmp", ".c.pt.x.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".c.pt.keep", ".other.pt.abc.tmp", "c.pt"]
+    assert _checkpoint.remove_stale_temporaries(tmp_path / "missing" / "c.pt") == []
+
+
+def test_unreadable_files_are_one_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(
+        _checkpoint.CheckpointError, match=r"junk.pt is not a readable checkpoint"
+    ) as info:
+        _checkpoint.load(tmp_path / "junk.pt")
+    assert "weights_only" not in str(info.value) and info.value.__cause__ is None
+    torch.save({"format": _checkpoint.FORMAT_VERSION}, tmp_path / "part.pt")
+    with pytest.raises(_checkpoint.CheckpointError, match=r"lacks the key\(s\) 'model', 'epoch'"):
+        _checkpoint.load(tmp_path / "part.pt", required=("model", "epoch"))

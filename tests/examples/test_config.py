@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import _config
@@ -244,3 +245,27 @@ def test_config_reads_toml_on_python_3_10_through_tomli(monkeypatch: pytest.Monk
     assert module.tomllib is tomllib
     config = module.load(DIGITS, {"optim.milestones": module.parse_override("k.v=[3, 4]")[1]})
     assert (config.optim.epochs, config.optim.milestones) == (20, [3, 4])
+
+
+FLOAT_KEYS = [
+    f"{section}.{f.name}"
+    for section, cls in _config._SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if str(f.type) == "float"
+]
+
+
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_number_must_be_finite(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"`{key}` must be a finite number, got {value!r}"):
+        _config.load(DIGITS, {key: value})
+
+
+def test_every_shipped_exit_weights_fits_its_model() -> None:
+    import train
+
+    for path in SHIPPED:
+        config = _config.load(path)
+        train.check_exit_weights(config, train.count_exits(config))
+        assert train.count_exits(config) is not None, path.stem

@@ -73,6 +73,15 @@ def test_two_process_gloo_run(tmp_path: Path) -> None:
         saved["ranks"][0]["generators"]["attack"], saved["ranks"][1]["generators"]["attack"]
     )
 
+    # The same command again: the existing run is refused on every rank (decided on rank 0
+    # and broadcast), printed once, and no rank dies waiting for another.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert again.returncode != 0
+    assert again.stderr.count("already holds a checkpoint; pass --resume") == 1, again.stderr
+    assert "Connection closed by peer" not in again.stderr
+    assert "exitcode  : 2" in again.stderr  # the workers exit 2 (torchrun then prints its
+    assert 'train.py", line' not in again.stderr  # own summary), with no traceback of theirs
+
 
 def test_mid_epoch_resume_with_another_world_size_is_refused(tiny_config) -> None:
     config = tiny_config()
