@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,3 +154,26 @@ def test_exit_index_is_checked_at_the_first_call(batch: tuple[Heads, Tensor, Ten
     atk = exit_autoattack(model, 2, version="cheap", n_classes=K)
     with pytest.raises(ValueError, match="exit_index"):
         atk(images, labels)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: torchattacks.PGD(m, eps=0.1, alpha=0.05, steps=1),
+        lambda m: torchattacks.CW(m, steps=1),
+        lambda m: torchattacks.APGD(m, eps=0.1, steps=1),
+        lambda m: torchattacks.AutoAttack(m, eps=0.1, n_classes=K),
+    ],
+    ids=["PGD", "CW", "APGD", "AutoAttack"],
+)
+def test_faq_lists_what_stock_attacks_say_on_a_multi_exit_model(
+    make: Any, batch: tuple[Heads, Tensor, Tensor]
+) -> None:
+    """The FAQ's common-errors table quotes the real message and points to ExitView."""
+    model, images, labels = batch
+    with pytest.raises((TypeError, AttributeError)) as info:
+        make(model)(images, labels)
+    faq = (Path(__file__).parents[2] / "docs" / "faq.md").read_text(encoding="utf-8")
+    row = next((line for line in faq.splitlines() if str(info.value) in line), None)
+    assert row is not None, f"docs/faq.md does not quote {str(info.value)!r}"
+    assert "ExitView" in row
