@@ -43,7 +43,7 @@ def exit_autoattack(
     - ``version="standard"``: ``torchattacks.AutoAttack(ExitView(model, exit_index), ...,
       version="standard")``: APGD-CE, APGD-T (all K - 1 target classes), FAB-T and Square
       with 5000 queries, each run on the samples the previous ones left correctly
-      classified. Thorough and slow (about 80 s for 16 MNIST-sized images on a CPU).
+      classified. Thorough and slow: minutes for 16 MNIST-sized images on a CPU.
     - ``version="cheap"``: ``torchattacks.MultiAttack`` of ``APGD`` (cross-entropy loss)
       and ``APGDT`` (targeted DLR loss, the 3 most likely wrong classes as targets), each
       with 10 steps and one restart: AutoAttack's two gradient-based attacks, which find
