@@ -66,7 +66,7 @@ def make_model(device: torch.device) -> nn.Module:
 
 
 class _FallbackSmallCNN(nn.Module):
-    """REFERENCE.md section 7's SmallCNN layout (3 exits, 1×28×28 inputs)."""
+    """docs/paper.md's SmallCNN layout (3 exits, 1×28×28 inputs)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()

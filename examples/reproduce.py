@@ -36,7 +36,7 @@ SETTINGS = sorted(p.stem for p in CONFIGS.glob("*.toml"))
 DEFAULT_METHODS = {"digits": ["adv", "neokd"]}
 PAPER_METHODS = ["adv", "skd", "ard", "neokd"]
 
-# REFERENCE.md section 5: average adversarial test accuracy over exits (%), anytime
+# docs/paper.md, published results: average adversarial test accuracy over exits (%), anytime
 # prediction, models trained with the max-average attack.
 PAPER_RESULTS: dict[str, dict[str, tuple[float, float]]] = {
     "mnist_smallcnn": {
@@ -233,7 +233,7 @@ def comparison_table(setting: str, results: dict[str, dict[str, Any]]) -> str:
     paper = PAPER_RESULTS.get(setting)
     if paper:
         note += (
-            "\n\nPaper (REFERENCE.md section 5), mean adversarial accuracy over exits (%), "
+            "\n\nPaper (docs/paper.md), mean adversarial accuracy over exits (%), "
             "models trained with the max-average attack:\n\n"
         )
         note += (

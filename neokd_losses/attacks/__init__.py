@@ -6,7 +6,8 @@ exit as a single-output model so any stock torchattacks attack can target it. Th
 ``BoundarySupportingAttack`` of BSS distillation lives in :mod:`neokd_losses.distill`.
 """
 
+from neokd_losses.attacks.autoattack import exit_autoattack
 from neokd_losses.attacks.exit_view import ExitView
 from neokd_losses.attacks.pgd import MultiExitPGD
 
-__all__ = ["ExitView", "MultiExitPGD"]
+__all__ = ["ExitView", "MultiExitPGD", "exit_autoattack"]

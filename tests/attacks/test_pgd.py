@@ -1,4 +1,4 @@
-"""MultiExitPGD against naive references written here from REFERENCE.md section 3, plus
+"""MultiExitPGD against naive references written here from docs/paper.md#attacks, plus
 the properties every attack must keep (bound, range, loss increase, determinism, ...)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Budgeted prediction against a naive loop transcription of REFERENCE.md section 6."""
+"""Budgeted prediction against a naive loop transcription of docs/paper.md#budgeted-prediction."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def test_shipped_configs_load_and_build_their_loss(path: Path) -> None:
 
 
 def test_paper_hyper_parameters() -> None:
-    """REFERENCE.md sections 2 to 4, checked on the shipped configs."""
+    """docs/paper.md: objective, attacks, training setups, checked on the shipped configs."""
     expected = {
         # name: (epochs, batch, lr, milestones, eps, step, exit weights)
         "mnist_smallcnn": (150, 128, 0.01, [50], 0.3, 20 / 255, [1.0, 1.0, 1.0]),

@@ -1,4 +1,4 @@
-"""Naive references for the NEO-KD losses, written from REFERENCE.md section 2.
+"""Naive references for the NEO-KD losses, written from docs/paper.md#the-neo-kd-objective.
 
 One exit and one sample at a time with plain Python arithmetic; nothing here is shared
 with the vectorised implementation under test.

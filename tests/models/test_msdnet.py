@@ -1,4 +1,4 @@
-"""MSDNet: parameter counts and costs of REFERENCE.md section 7, structure, checks, PGD."""
+"""MSDNet: parameter counts and costs of docs/paper.md#msdnet, structure, checks, PGD."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _mini(**kwargs: object) -> MSDNet:
     return MSDNet(**config)  # type: ignore[arg-type]
 
 
-# Figures measured on the public reference implementation (REFERENCE.md section 7).
+# Figures measured on the public reference implementation (docs/paper.md#msdnet).
 _TABLE = [
     pytest.param(msdnet_cifar10, 32, 991_222, [14.76, 21.77, 27.67], id="cifar10"),
     pytest.param(

@@ -21,7 +21,7 @@ def _linear(n_in: int, n_out: int) -> int:
 
 
 def _params_by_hand(num_classes: int, in_channels: int) -> int:
-    """REFERENCE.md section 7, layer by layer."""
+    """docs/paper.md#smallcnn-3-exits, layer by layer."""
     trunk = (
         _conv(in_channels, 32)
         + _conv(32, 32)
@@ -75,7 +75,7 @@ def test_cost_per_exit_matches_count_by_hand() -> None:
 
 
 def _exits_by_hand(model: SmallCNN, x: torch.Tensor) -> list[torch.Tensor]:
-    """REFERENCE.md section 7 written out with torch.nn.functional (eval: no dropout)."""
+    """docs/paper.md#smallcnn-3-exits written out with torch.nn.functional (eval: no dropout)."""
     F = nn.functional
     t, e1, e2 = model.block3, model.exit1, model.exit2
     h1 = F.relu(F.conv2d(x, model.block1[0].weight, model.block1[0].bias))  # exit 1 reads this
