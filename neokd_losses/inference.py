@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from neokd_losses._validation import check_bool, is_compiling, upcast
 from neokd_losses.models.staged import (
@@ -112,9 +112,18 @@ def _as_costs(values: object, length: int) -> Tensor:
 _BATCH_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
 
 
-def _select(keep: Tensor, value: Any) -> Any:
-    """``value[keep]`` for a tensor (rows of the samples that stay); other leaves as they are."""
-    return value[keep] if isinstance(value, Tensor) else value
+def _select(rows: Tensor, value: Any) -> Any:
+    """The given rows of a tensor (the samples that stay); other leaves as they are."""
+    return value.index_select(0, rows) if isinstance(value, Tensor) else value
+
+
+def _state_device(state: StageState, fallback: torch.device) -> torch.device:
+    """The device of the first tensor in ``state`` (stages may move the state)."""
+    for leaf in tree_flatten(state)[0]:
+        if isinstance(leaf, Tensor):
+            found: torch.device = leaf.device
+            return found
+    return fallback
 
 
 def _batch_dependent(model: nn.Module) -> bool:
@@ -284,11 +293,11 @@ class EarlyExitClassifier(nn.Module):
             prediction[gone] = label[leave]
             confidence[gone] = score[leave]
             exit_index[gone] = k
-            keep = ~leave
-            order = order[keep]
-            state = tree_map(partial(_select, keep), state)
+            rows = (~leave).nonzero().squeeze(1)  # one nonzero, then gathers
+            order = order.index_select(0, rows)
+            state = tree_map(partial(_select, rows.to(_state_device(state, device))), state)
             if total is not None:
-                total = total[keep]
+                total = total.index_select(0, rows)
             if not is_compiling() and order.shape[0] == 0:
                 break
         assert confidence is not None
