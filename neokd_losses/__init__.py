@@ -28,6 +28,7 @@ from .distill import (
     activation_boundary_loss,
     bss_kd_loss,
 )
+from .inference import EarlyExitClassifier, run_until
 from .losses import (
     ARDLoss,
     ExitwiseOrthogonalKD,
@@ -44,6 +45,7 @@ __all__ = [
     "ActivationBoundaryLoss",
     "BSSDistillationLoss",
     "BoundarySupportingAttack",
+    "EarlyExitClassifier",
     "ExitView",
     "ExitwiseOrthogonalKD",
     "MultiExitPGD",
@@ -57,6 +59,7 @@ __all__ = [
     "activation_boundary_loss",
     "bss_kd_loss",
     "orthogonal_label_mask",
+    "run_until",
 ]
 
 __version__ = "0.1.0"
