@@ -85,8 +85,8 @@ def triple_wins_loss(
     clean_logits: ExitLogits,
     targets: Tensor,
     *,
-    clean_weight: float = 0.5,
-    adv_weight: float = 0.5,
+    clean_weight: float = 1.0,
+    adv_weight: float = 1.0,
     exit_weights: ExitWeights = None,
     reduction: Reduction = "mean",
 ) -> Tensor:
@@ -99,17 +99,25 @@ def triple_wins_loss(
         L = \frac{1}{B}\sum_j \sum_i γ_i \big[ w_c\, \mathrm{CE}(z_i(x_j), y_j)
             + w_a\, \mathrm{CE}(z_i(x_j^{adv}), y_j) \big],
 
-    with the reference's :math:`w_c = w_a = 0.5` and γ = 1. The adversarial inputs are
-    expected to be detached from the attack's graph (as
-    :class:`~neokd_losses.attacks.pgd.MultiExitPGD` returns them). Since this loss has
-    no distillation term, the exit weights γ weigh each exit's whole loss.
+    with :math:`w_c = w_a = 1` and γ = 1 by default: "the sum of clean and adversarial
+    losses of all exits", as the NEO-KD paper describes this baseline. NEO-KD's own
+    objective has the same two cross-entropies at weight 1, so with the defaults
+    ``neokd_loss(..., alpha=0, beta=0)`` equals this loss exactly and the baseline differs
+    from NEO-KD only by the distillation terms (the controlled comparison). The Triple
+    Wins code weighs both by 0.5 (``clean_weight=0.5, adv_weight=0.5``), which halves the
+    gradient and hence the effective learning rate. The adversarial inputs are expected to
+    be detached from the attack's graph (as :class:`~neokd_losses.attacks.pgd.MultiExitPGD`
+    returns them). Since this loss has no distillation term, the exit weights γ weigh each
+    exit's whole loss (NEO-KD's γ weigh only its distillation terms).
 
     Args:
         adv_logits: logits of every exit on the adversarial inputs.
         clean_logits: logits of every exit on the clean inputs.
         targets: class indices (B,).
-        clean_weight: weight :math:`w_c \ge 0` of the clean cross-entropy.
-        adv_weight: weight :math:`w_a \ge 0` of the adversarial cross-entropy.
+        clean_weight: weight :math:`w_c \ge 0` of the clean cross-entropy (default 1;
+            the Triple Wins code uses 0.5).
+        adv_weight: weight :math:`w_a \ge 0` of the adversarial cross-entropy (default 1;
+            the Triple Wins code uses 0.5).
         exit_weights: per-exit weights γ (E,); default all ones.
         reduction: ``"mean"`` (sum over exits, mean over the batch), ``"sum"`` or ``"none"``.
 
@@ -322,8 +330,10 @@ class TripleWinsLoss(nn.Module):
     """Triple Wins multi-exit adversarial training; see :func:`triple_wins_loss`.
 
     Args:
-        clean_weight: weight >= 0 of the clean cross-entropy (reference: 0.5).
-        adv_weight: weight >= 0 of the adversarial cross-entropy (reference: 0.5).
+        clean_weight: weight >= 0 of the clean cross-entropy (default 1, as the NEO-KD
+            paper describes the baseline; the Triple Wins code uses 0.5).
+        adv_weight: weight >= 0 of the adversarial cross-entropy (default 1; the Triple
+            Wins code uses 0.5).
         exit_weights: per-exit weights γ (E,) of each exit's loss, a registered buffer;
             default all ones.
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -334,7 +344,9 @@ class TripleWinsLoss(nn.Module):
 
     Example:
         >>> import torch
-        >>> criterion = TripleWinsLoss()
+        >>> criterion = TripleWinsLoss()  # the NEO-KD paper's baseline: weights 1 and 1
+        >>> TripleWinsLoss(clean_weight=0.5, adv_weight=0.5)  # the Triple Wins code's weights
+        TripleWinsLoss(clean_weight=0.5, adv_weight=0.5, reduction='mean')
         >>> clean = [torch.randn(4, 10, requires_grad=True) for _ in range(3)]
         >>> adv = [torch.randn(4, 10, requires_grad=True) for _ in range(3)]
         >>> criterion(adv, clean, torch.randint(0, 10, (4,))).backward()
@@ -344,8 +356,8 @@ class TripleWinsLoss(nn.Module):
 
     def __init__(
         self,
-        clean_weight: float = 0.5,
-        adv_weight: float = 0.5,
+        clean_weight: float = 1.0,
+        adv_weight: float = 1.0,
         exit_weights: ExitWeights = None,
         reduction: Reduction = "mean",
     ) -> None:
