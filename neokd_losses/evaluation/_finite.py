@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -19,3 +21,10 @@ def check_no_nan(values: Tensor, name: str) -> None:
             "computed from them would be meaningless. Check the data pipeline (images) or "
             "the model (logits) for NaN before evaluating."
         )
+
+
+def checked_batches(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """Pass ``(images, labels)`` batches through, refusing images that contain NaN."""
+    for images, labels in batches:
+        check_no_nan(images, "images")
+        yield images, labels
