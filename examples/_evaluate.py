@@ -5,10 +5,14 @@
   report the mean over exits of the adversarial accuracy).
 - Budgeted prediction: confidence thresholds fitted on the validation split held out of
   the training set, test accuracy against expected cost (FLOPs of each exit from
-  ``exit_costs``), on clean inputs and under the max-average attack (validation
-  attacked too, so the thresholds see the inputs they will face).
-- Adversarial transferability: the E x E matrix of the success rate at exit j of a
-  single-exit attack generated on exit i, and the mean of its off-diagonal entries.
+  ``exit_costs``), on clean inputs and under the max-average and average attacks
+  (validation attacked too, so the thresholds see the inputs they will face); each
+  curve twice: every exit predicting from its own softmax (``plain``) and from the mean
+  of the softmax outputs of exits 1..k (``ensemble``, the paper's ensemble strategy).
+- Adversarial transferability: the E x E matrix of the attack success rate at exit j of
+  a single-exit attack generated on exit i (among the samples exit j classifies
+  correctly on clean inputs), the mean of its off-diagonal entries, and the counts
+  behind both this and the all-samples definition.
 
 Under ``torchrun`` every rank evaluates its own share of the test set (no sample counted
 twice); counts are summed across ranks and logits gathered on rank 0, which alone writes
@@ -32,6 +36,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 EVAL_ATTACKS = ("max-average", "average")
+ENSEMBLE_SUFFIX = ", ensemble"
+"""Budget curves whose key ends with this use ``ensemble=True`` (mean softmax of exits 1..k)."""
 
 
 def _loader(dataset: Any, config: Config, env: _distributed.DistEnv) -> DataLoader[Any]:
@@ -168,9 +174,10 @@ def evaluate(
         attack = _eval_attack(model, config, mode, seed + k)
         logits[mode] = _collect(model, test_loader, attack, progress)
     log.info("budgeted evaluation: attacking the validation split ...")
-    val_logits["max-average"] = _collect(
-        model, val_loader, _eval_attack(model, config, "max-average", seed + 5), progress
-    )
+    for k, mode in enumerate(EVAL_ATTACKS):
+        val_logits[mode] = _collect(
+            model, val_loader, _eval_attack(model, config, mode, seed + 5 + k), progress
+        )
     log.info("transferability: one single-exit attack per exit ...")
     transfer_limited = config.eval.transfer_cap and config.eval.transfer_cap < len(splits.test)  # type: ignore[arg-type]
     transfer_data = (
@@ -191,10 +198,15 @@ def evaluate(
         for name, (z, y) in logits.items()
     }
     curves = {
-        name: budget_curve(
-            *val_logits[name], *logits[name], costs, num_points=config.eval.budget_points
+        f"{name}{suffix}": budget_curve(
+            *val_logits[name],
+            *logits[name],
+            costs,
+            num_points=config.eval.budget_points,
+            ensemble=ensemble,
         )
-        for name in ("clean", "max-average")
+        for name in ("clean", *EVAL_ATTACKS)
+        for suffix, ensemble in (("", False), (ENSEMBLE_SUFFIX, True))
     }
     num_exits = transfer.num_exits
     results: dict[str, Any] = {
@@ -258,7 +270,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
     ]
     for i, row in enumerate(t["matrix"]):
         lines.append(f"| exit {i + 1} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
-    lines += ["", "Budgeted prediction (test accuracy % at the budget points' expected cost):", ""]
+    lines += [
+        "",
+        "Budgeted prediction (test accuracy % at the budget points' expected cost; "
+        "'ensemble': exit k predicts from the mean of the softmax outputs of exits 1..k):",
+        "",
+    ]
     lines += ["| inputs | lowest cost | median cost | highest cost |", "|---|---|---|---|"]
     for name, curve in results["budget"].items():
         pts = sorted(zip(curve["mean_costs"], curve["accuracies"], strict=True))

@@ -1,23 +1,36 @@
 """Training methods: which loss each ``loss.method`` uses, built from its config table.
 
-| method | loss                         | config table   | fixed                     |
-|--------|------------------------------|----------------|---------------------------|
-| adv    | TripleWinsLoss (no distill)  | [loss.adv]     |                           |
-| neokd  | NEOKDLoss                    | [loss.neokd]   |                           |
-| nkd    | NEOKDLoss (NKD only)         | [loss.neokd]   | beta = 0                  |
-| eokd   | NEOKDLoss (EOKD only)        | [loss.neokd]   | alpha = 0                 |
-| skd    | SKDLoss                      | [loss.skd]     |                           |
-| ard    | ARDLoss                      | [loss.ard]     |                           |
+| method   | loss                         | config table   | fixed                          |
+|----------|------------------------------|----------------|--------------------------------|
+| adv      | TripleWinsLoss (no distill)  | [loss.adv]     |                                |
+| adv-half | TripleWinsLoss (no distill)  | [loss.adv]     | clean_weight = adv_weight = 0.5|
+| lw       | LWLoss (LW baseline)         | [loss.lw]      | the model's exit classifiers   |
+| neokd    | NEOKDLoss                    | [loss.neokd]   |                                |
+| nkd      | NEOKDLoss (NKD only)         | [loss.neokd]   | beta = 0                       |
+| eokd     | NEOKDLoss (EOKD only)        | [loss.neokd]   | alpha = 0                      |
+| skd      | SKDLoss                      | [loss.skd]     |                                |
+| ard      | ARDLoss                      | [loss.ard]     |                                |
 
 Every loss is called as ``loss(adv_logits, clean_logits, targets)``; the table's keys are
 passed to its constructor (``reduction`` and ``generator`` are set by the loop); the
 ablations nkd and eokd read NEO-KD's table and override beta, resp. alpha, with 0.
+
+``adv`` is the *controlled* baseline, the NEO-KD paper's "Adv. w/o distill" as the paper
+describes it: the sum of the clean and adversarial cross-entropies of all exits, weights 1
+and 1, which is exactly NEO-KD's objective without its distillation terms
+(``NEOKDLoss(alpha=0, beta=0)``). ``adv-half`` is the Triple Wins code's weighting, 0.5 x
+clean + 0.5 x adversarial: with the same learning rate and weight decay it takes half the
+step, so comparing it with NEO-KD mixes the loss scale into the distillation's gain.
+``lw`` is the LW baseline (Chen et al., Neural Networks 2022): adversarial cross-entropy of
+all exits plus lambda x the squared norms of every exit classifier's final linear weights
+(found in the model by ``exit_classifiers``); it needs the model, so the training loop
+passes it to :func:`build_criterion`.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +38,10 @@ import torch
 from _config import ConfigError, LossConfig
 from torch import Tensor, nn
 
-_TABLE = {
+_TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "adv": ("adv", "TripleWinsLoss", {}),
+    "adv-half": ("adv", "TripleWinsLoss", {"clean_weight": 0.5, "adv_weight": 0.5}),
+    "lw": ("lw", "LWLoss", {}),
     "neokd": ("neokd", "NEOKDLoss", {}),
     "nkd": ("neokd", "NEOKDLoss", {"beta": 0.0}),
     "eokd": ("neokd", "NEOKDLoss", {"alpha": 0.0}),
@@ -37,6 +52,8 @@ _RESERVED = ("reduction", "generator")
 
 PAPER_NAMES = {
     "adv": "Adv. w/o distill",
+    "adv-half": "Adv. w/o distill (0.5/0.5)",
+    "lw": "LW",
     "neokd": "NEO-KD",
     "nkd": "NKD only",
     "eokd": "EOKD only",
@@ -50,10 +67,29 @@ def _loss_class(name: str) -> type[nn.Module]:
         from neokd_losses.losses.neokd import NEOKDLoss
 
         return NEOKDLoss
+    from neokd_losses import losses
     from neokd_losses.losses import baselines
 
-    cls: type[nn.Module] = getattr(baselines, name)
+    cls: type[nn.Module] = getattr(baselines, name, None) or getattr(losses, name)
     return cls
+
+
+def _model_keywords(
+    method: str, params: Mapping[str, inspect.Parameter], model: nn.Module | None
+) -> dict[str, Any]:
+    """The keywords a loss that reads the model's weights (LW) takes from the model.
+
+    Without a model (a configuration check before training) a required one is filled
+    with an empty list, enough to let the loss validate the config table's values.
+    """
+    if method != "lw":
+        return {}
+    from neokd_losses.losses import exit_classifiers
+
+    name = next(p for p in ("classifiers", "modules", "model") if p in params)
+    if model is None:
+        return {} if params[name].default is not inspect.Parameter.empty else {name: []}
+    return {name: model if name == "model" else exit_classifiers(model)}
 
 
 @dataclass
@@ -76,8 +112,13 @@ class Criterion:
         return self.module(adv_logits, clean_logits, targets), {}
 
 
-def build_criterion(cfg: LossConfig, generator: torch.Generator | None = None) -> Criterion:
+def build_criterion(
+    cfg: LossConfig, generator: torch.Generator | None = None, *, model: nn.Module | None = None
+) -> Criterion:
     """Instantiate the loss of ``cfg.method`` with the keywords of its config table.
+
+    ``model`` is needed by ``lw`` (its exit classifiers' weights are regularized); without
+    it the loss is built only to check the config table.
 
     Raises:
         ConfigError: for a keyword the loss does not take, or a value it rejects.
@@ -86,7 +127,10 @@ def build_criterion(cfg: LossConfig, generator: torch.Generator | None = None) -
     cls = _loss_class(class_name)
     params = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = dict(getattr(cfg, section))
-    allowed = [p for p in params if p not in ("self", *_RESERVED)]
+    from_model = _model_keywords(cfg.method, params, model)
+    allowed = [
+        p for p in params if p not in ("self", *_RESERVED, "classifiers", "modules", "model")
+    ]
     for key in kwargs:
         if key not in allowed:
             raise ConfigError(
@@ -98,6 +142,7 @@ def build_criterion(cfg: LossConfig, generator: torch.Generator | None = None) -
                 )
             )
     kwargs.update(fixed)
+    kwargs.update(from_model)
     if "generator" in params:
         kwargs["generator"] = generator
     try:

@@ -36,6 +36,7 @@ import _distributed
 import numpy as np
 import torch
 from _config import (
+    METHODS,
     Config,
     ConfigError,
     describe_mismatch,
@@ -359,7 +360,7 @@ def run(
             config.run.seed * 1000 + 2 * env.rank + 2
         ),
     }
-    criterion = build_criterion(config.loss, generators["loss"])
+    criterion = build_criterion(config.loss, generators["loss"], model=model)
     criterion.module.to(device)
 
     train_model: nn.Module = model
@@ -576,9 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     default_config = Path(__file__).parent / "configs" / "digits.toml"
     p.add_argument("--config", default=str(default_config), help="TOML config file")
-    p.add_argument(
-        "--method", choices=("adv", "neokd", "nkd", "eokd", "skd", "ard"), help="loss.method"
-    )
+    p.add_argument("--method", choices=METHODS, help="loss.method")
     p.add_argument("--train-attack", choices=("max-average", "average"), help="attack.train_mode")
     p.add_argument("--epochs", type=int, help="optim.epochs")
     p.add_argument("--batch-size", type=int, help="optim.batch_size (global, over all processes)")
