@@ -22,15 +22,17 @@ and 1, which is exactly NEO-KD's objective without its distillation terms
 clean + 0.5 x adversarial: with the same learning rate and weight decay it takes half the
 step, so comparing it with NEO-KD mixes the loss scale into the distillation's gain.
 ``lw`` is the LW baseline (Chen et al., Neural Networks 2022): adversarial cross-entropy of
-all exits plus lambda x the squared norms of every exit classifier's final linear weights
-(found in the model by ``exit_classifiers``); it needs the model, so the training loop
-passes it to :func:`build_criterion`.
+all exits (on the training attack's examples, max-average by default) plus ``lambda_`` x
+the squared norm of every exit classifier's final linear weights (found in the model by
+``exit_classifiers``); ``[loss.lw] lambda_`` sets the weight (default: the library's
+``DEFAULT_LW_LAMBDA``). It needs the model, so the training loop passes it to
+:func:`build_criterion`; the clean logits are not used.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,36 +76,30 @@ def _loss_class(name: str) -> type[nn.Module]:
     return cls
 
 
-def _model_keywords(
-    method: str, params: Mapping[str, inspect.Parameter], model: nn.Module | None
-) -> dict[str, Any]:
-    """The keywords a loss that reads the model's weights (LW) takes from the model.
-
-    Without a model (a configuration check before training) a required one is filled
-    with an empty list, enough to let the loss validate the config table's values.
-    """
-    if method != "lw":
-        return {}
-    from neokd_losses.losses import exit_classifiers
-
-    name = next(p for p in ("classifiers", "modules", "model") if p in params)
-    if model is None:
-        return {} if params[name].default is not inspect.Parameter.empty else {name: []}
-    return {name: model if name == "model" else exit_classifiers(model)}
-
-
 @dataclass
 class Criterion:
-    """A built loss and whether it can report its terms (``return_terms=True``)."""
+    """A built loss and whether it can report its terms (``return_terms=True``).
+
+    ``classifiers`` holds the model's exit classifiers for losses that penalise their
+    weights (``lw``); such a loss is called as ``module(adv_logits, targets, classifiers)``.
+    """
 
     method: str
     module: nn.Module
     has_terms: bool
+    classifiers: list[nn.Module] | None = None
 
     def __call__(
         self, adv_logits: Sequence[Tensor], clean_logits: Sequence[Tensor], targets: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The total loss and its named terms (``{}`` for losses without terms)."""
+        if self.method == "lw":
+            if self.classifiers is None:
+                raise RuntimeError(
+                    "the lw loss needs the model's exit classifiers: build it with "
+                    "build_criterion(cfg, generator, model=model)."
+                )
+            return self.module(adv_logits, targets, self.classifiers), {}
         if self.has_terms:
             terms = self.module(adv_logits, clean_logits, targets, return_terms=True)
             parts = terms._asdict()
@@ -127,10 +123,7 @@ def build_criterion(
     cls = _loss_class(class_name)
     params = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = dict(getattr(cfg, section))
-    from_model = _model_keywords(cfg.method, params, model)
-    allowed = [
-        p for p in params if p not in ("self", *_RESERVED, "classifiers", "modules", "model")
-    ]
+    allowed = [p for p in params if p not in ("self", *_RESERVED)]
     for key in kwargs:
         if key not in allowed:
             raise ConfigError(
@@ -142,7 +135,6 @@ def build_criterion(
                 )
             )
     kwargs.update(fixed)
-    kwargs.update(from_model)
     if "generator" in params:
         kwargs["generator"] = generator
     try:
@@ -150,4 +142,27 @@ def build_criterion(
     except (TypeError, ValueError) as err:
         raise ConfigError(f"[loss.{section}] rejected by {class_name}: {err}") from err
     has_terms = "return_terms" in inspect.signature(module.forward).parameters
-    return Criterion(cfg.method, module, has_terms)
+    classifiers: list[nn.Module] | None = None
+    if cfg.method == "lw" and model is not None:
+        classifiers = model_exit_classifiers(model)
+    return Criterion(cfg.method, module, has_terms, classifiers)
+
+
+def model_exit_classifiers(model: nn.Module) -> list[nn.Module]:
+    """The final linear layer of each exit of an examples model, earliest first.
+
+    The package's models (SmallCNN, MSDNet, attach_exits) follow ``exit_classifiers``'s
+    documented rule; the digits CNN's are the last layers of ``head1``, ``head2`` and
+    ``block3``. A ``Normalized`` wrapper is looked through.
+    """
+    from _models import DigitsCNN, Normalized
+
+    inner = model.model if isinstance(model, Normalized) else model
+    if isinstance(inner, DigitsCNN):
+        return [inner.head1[-1], inner.head2[-1], inner.block3[-1]]
+    from neokd_losses.losses import exit_classifiers
+
+    try:
+        return list(exit_classifiers(inner))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"loss.method = 'lw': {err}") from err
