@@ -9,6 +9,7 @@ from .activation_boundary import (
 )
 from .baselines import ARDLoss, SKDLoss, TripleWinsLoss, ard_loss, skd_loss, triple_wins_loss
 from .bss import BSSDistillationLoss, bss_kd_loss, bss_weight_schedule
+from .lw import LWLoss, exit_classifiers, lw_loss
 from .neighbor import NeighborKD, neighbor_kd, neighbor_weights
 from .neokd import NEOKDLoss, NEOKDTerms, neokd_loss
 from .orthogonal import ExitwiseOrthogonalKD, exitwise_orthogonal_kd, orthogonal_label_mask
@@ -19,6 +20,7 @@ __all__ = [
     "BSSDistillationLoss",
     "ExitwiseOrthogonalKD",
     "FeatureRecorder",
+    "LWLoss",
     "NEOKDLoss",
     "NEOKDTerms",
     "NeighborKD",
@@ -29,7 +31,9 @@ __all__ = [
     "ard_loss",
     "bss_kd_loss",
     "bss_weight_schedule",
+    "exit_classifiers",
     "exitwise_orthogonal_kd",
+    "lw_loss",
     "neighbor_kd",
     "neighbor_weights",
     "neokd_loss",
