@@ -8,6 +8,7 @@ A config is a TOML file with the sections below (every key documented in
     [model]   name, init_from
     [loss]    method, and one sub-table per method with constructor keywords:
               [loss.neokd] (also used by nkd / eokd), [loss.skd], [loss.ard], [loss.adv]
+              (also used by adv-half), [loss.lw]
     [optim]   epochs, batch_size, lr, momentum, weight_decay, milestones, gamma, nesterov
     [attack]  eps, step_size, train_steps, train_mode, eval_steps, random_start
     [eval]    batch_size, budget_points, transfer_cap, plots
@@ -44,7 +45,7 @@ MODELS = (
     "msdnet_tinyimagenet",
     "msdnet_imagenet",
 )
-METHODS = ("adv", "neokd", "nkd", "eokd", "skd", "ard")
+METHODS = ("adv", "adv-half", "lw", "neokd", "nkd", "eokd", "skd", "ard")
 TRAIN_ATTACKS = ("max-average", "average")
 AMP_MODES = ("none", "bf16", "fp16")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -82,6 +83,7 @@ class LossConfig:
     skd: dict[str, Any] = field(default_factory=dict)
     ard: dict[str, Any] = field(default_factory=dict)
     adv: dict[str, Any] = field(default_factory=dict)
+    lw: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,14 @@
   report the mean over exits of the adversarial accuracy).
 - Budgeted prediction: confidence thresholds fitted on the validation split held out of
   the training set, test accuracy against expected cost (FLOPs of each exit from
-  ``exit_costs``), on clean inputs and under the max-average attack (validation
-  attacked too, so the thresholds see the inputs they will face).
-- Adversarial transferability: the E x E matrix of the success rate at exit j of a
-  single-exit attack generated on exit i, and the mean of its off-diagonal entries.
+  ``exit_costs``), on clean inputs and under the max-average and average attacks
+  (validation attacked too, so the thresholds see the inputs they will face); each
+  curve twice: every exit predicting from its own softmax (``plain``) and from the mean
+  of the softmax outputs of exits 1..k (``ensemble``, the paper's ensemble strategy).
+- Adversarial transferability: the E x E matrix of the attack success rate at exit j of
+  a single-exit attack generated on exit i (among the samples exit j classifies
+  correctly on clean inputs), the mean of its off-diagonal entries, and the counts
+  behind both this and the all-samples definition.
 
 Under ``torchrun`` every rank evaluates its own share of the test set (no sample counted
 twice); counts are summed across ranks and logits gathered on rank 0, which alone writes
@@ -32,6 +36,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 EVAL_ATTACKS = ("max-average", "average")
+ENSEMBLE_SUFFIX = ", ensemble"
+"""Budget curves whose key ends with this use ``ensemble=True`` (mean softmax of exits 1..k)."""
 
 
 def _loader(dataset: Any, config: Config, env: _distributed.DistEnv) -> DataLoader[Any]:
@@ -91,18 +97,17 @@ def _anytime(logits: Tensor, labels: Tensor, attack: str | None) -> Any:
 
 def transfer_rates(
     model: nn.Module, loader: DataLoader[Any], config: Config, seed: int, progress: bool
-) -> tuple[Tensor, int]:
-    """The E x E transferability matrix over the whole split, and its number of samples.
+) -> Any:
+    """The transferability counts over the whole split (a ``TransferResult``).
 
-    Each rank runs ``transferability_matrix`` on its share; the rates are weighted by the
-    share's size and summed over ranks.
+    Each rank runs ``transferability_matrix`` on its share; the counts (numerators and
+    denominators of both success-rate definitions) are summed over ranks.
     """
-    from neokd_losses.evaluation.transfer import transferability_matrix
+    from neokd_losses.evaluation.transfer import TransferResult, transferability_matrix
 
     a = config.attack
     device = next(model.parameters()).device
-    n_local = len(loader.sampler)  # type: ignore[arg-type]
-    matrix = transferability_matrix(
+    local = transferability_matrix(
         model,
         loader,
         eps=a.eps,
@@ -112,13 +117,27 @@ def transfer_rates(
         generator=torch.Generator(device=device).manual_seed(seed),
         progress=progress,
     )
-    weighted = _distributed.all_reduce_sum(matrix.double().to(device) * n_local)
-    n = int(
-        _distributed.all_reduce_sum(
-            torch.tensor(float(n_local), dtype=torch.float64, device=device)
-        )
+
+    def total(t: Tensor) -> Tensor:
+        return _distributed.all_reduce_sum(t.to(device)).cpu()
+
+    n = total(torch.tensor(local.num_samples, dtype=torch.long))
+    return TransferResult(
+        count=local.count,
+        clean_correct=total(local.clean_correct),
+        fooled=total(local.fooled),
+        wrong=total(local.wrong),
+        num_samples=int(n),
     )
-    return (weighted / max(1, n)).cpu(), n
+
+
+TRANSFER_DEFINITION = {
+    "clean-correct": "attack success rate: among the test samples that exit j (column) "
+    "classifies correctly on clean inputs, the fraction misclassified at exit j under a "
+    "single-exit PGD attack generated on exit i (row)",
+    "all": "fraction of all test samples misclassified at exit j (column) by a single-exit "
+    "PGD attack generated on exit i (row)",
+}
 
 
 def evaluate(
@@ -155,9 +174,10 @@ def evaluate(
         attack = _eval_attack(model, config, mode, seed + k)
         logits[mode] = _collect(model, test_loader, attack, progress)
     log.info("budgeted evaluation: attacking the validation split ...")
-    val_logits["max-average"] = _collect(
-        model, val_loader, _eval_attack(model, config, "max-average", seed + 5), progress
-    )
+    for k, mode in enumerate(EVAL_ATTACKS):
+        val_logits[mode] = _collect(
+            model, val_loader, _eval_attack(model, config, mode, seed + 5 + k), progress
+        )
     log.info("transferability: one single-exit attack per exit ...")
     transfer_limited = config.eval.transfer_cap and config.eval.transfer_cap < len(splits.test)  # type: ignore[arg-type]
     transfer_data = (
@@ -165,7 +185,7 @@ def evaluate(
         if transfer_limited
         else splits.test
     )
-    matrix_t, n_transfer = transfer_rates(
+    transfer = transfer_rates(
         model, _loader(transfer_data, config, env), config, seed + 50, progress
     )
 
@@ -178,15 +198,17 @@ def evaluate(
         for name, (z, y) in logits.items()
     }
     curves = {
-        name: budget_curve(
-            *val_logits[name], *logits[name], costs, num_points=config.eval.budget_points
+        f"{name}{suffix}": budget_curve(
+            *val_logits[name],
+            *logits[name],
+            costs,
+            num_points=config.eval.budget_points,
+            ensemble=ensemble,
         )
-        for name in ("clean", "max-average")
+        for name in ("clean", *EVAL_ATTACKS)
+        for suffix, ensemble in (("", False), (ENSEMBLE_SUFFIX, True))
     }
-    from neokd_losses.evaluation.transfer import off_diagonal_mean
-
-    matrix = matrix_t.tolist()
-    num_exits = len(matrix)
+    num_exits = transfer.num_exits
     results: dict[str, Any] = {
         "setting": config.name,
         "method": config.loss.method,
@@ -209,11 +231,9 @@ def evaluate(
         "budget": {name: c.to_dict() for name, c in curves.items()},
         "exit_costs": costs,
         "transferability": {
-            "matrix": matrix,
-            "off_diagonal_mean": off_diagonal_mean(matrix_t) if num_exits > 1 else 0.0,
-            "num_samples": n_transfer,
-            "definition": "fraction of test samples misclassified at exit j (column) by a "
-            "single-exit PGD attack generated on exit i (row)",
+            **transfer.to_dict(),
+            "off_diagonal_mean_all": transfer.off_diagonal_mean("all") if num_exits > 1 else 0.0,
+            "definition": TRANSFER_DEFINITION[transfer.count],
         },
         "eval_seconds": round(time.perf_counter() - started, 2),
         "config": config.to_dict(),
@@ -243,15 +263,19 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
         anytime_table({"clean" if k == "clean" else f"PGD {k}": v for k, v in rows.items()}),
         "",
-        f"Adversarial transferability (% of samples misclassified at exit j by a single attack "
-        f"on exit i; {t['num_samples']} samples), off-diagonal mean {100 * t['off_diagonal_mean']:.2f}%:",
+        transfer_caption(t) + ":",
         "",
         "| attack on \\ at | " + " | ".join(f"exit {j + 1}" for j in range(e)) + " |",
         "|" + "---|" * (e + 1),
     ]
     for i, row in enumerate(t["matrix"]):
         lines.append(f"| exit {i + 1} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |")
-    lines += ["", "Budgeted prediction (test accuracy % at the budget points' expected cost):", ""]
+    lines += [
+        "",
+        "Budgeted prediction (test accuracy % at the budget points' expected cost; "
+        "'ensemble': exit k predicts from the mean of the softmax outputs of exits 1..k):",
+        "",
+    ]
     lines += ["| inputs | lowest cost | median cost | highest cost |", "|---|---|---|---|"]
     for name, curve in results["budget"].items():
         pts = sorted(zip(curve["mean_costs"], curve["accuracies"], strict=True))
@@ -260,6 +284,25 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f"| {name} | " + " | ".join(f"{100 * a:.2f} @ {c:.4g}" for c, a in picks) + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def transfer_caption(t: dict[str, Any]) -> str:
+    """One sentence naming the transferability definition of ``t`` and its off-diagonal mean."""
+    n = t["num_samples"]
+    if t.get("count", "all") == "clean-correct":
+        text = (
+            "Adversarial transferability (attack success rate, %: among the samples exit j "
+            "classifies correctly on clean inputs, those misclassified at exit j by a single "
+            f"attack on exit i; {n} samples), off-diagonal mean "
+            f"{100 * t['off_diagonal_mean']:.2f}%"
+        )
+        if "off_diagonal_mean_all" in t:
+            text += f" ({100 * t['off_diagonal_mean_all']:.2f}% counting all samples)"
+        return text
+    return (
+        f"Adversarial transferability (% of all samples misclassified at exit j by a single "
+        f"attack on exit i; {n} samples), off-diagonal mean {100 * t['off_diagonal_mean']:.2f}%"
+    )
 
 
 def write_results(results: dict[str, Any], out_dir: Path, *, plots: bool = True) -> None:
@@ -297,7 +340,12 @@ def write_plots(results: dict[str, Any], folder: Path) -> None:
     P.plot_transferability(
         results["transferability"]["matrix"],
         folder / "transferability.png",
-        title=f"{results['setting']}, {name}: attack success rate (%)",
+        title=f"{results['setting']}, {name}: "
+        + (
+            "attack success rate (%, clean-correct samples)"
+            if results["transferability"].get("count", "all") == "clean-correct"
+            else "misclassified (%, all samples)"
+        ),
     )
     P.plot_exit_accuracies(
         {k: v["per_exit"] for k, v in results["anytime"].items()},

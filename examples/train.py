@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from _checkpoint import CheckpointError
 from _config import (
+    METHODS,
     Config,
     ConfigError,
     describe_mismatch,
@@ -55,7 +56,7 @@ from _config import (
 from _data import DatasetError, EpochSeeded, ShardedSampler, Splits, build_splits
 from _evaluate import RESULT_FILES
 from _logging import RunLog, TensorBoardLog, read_log
-from _methods import Criterion, build_criterion
+from _methods import Criterion, build_criterion, loss_section
 from _models import build_model
 from _signals import Interrupted, StopRequest
 from torch import Tensor, nn
@@ -221,13 +222,9 @@ def count_exits(config: Config) -> int | None:
         return None
 
 
-def _loss_section(method: str) -> str:
-    return {"nkd": "neokd", "eokd": "neokd"}.get(method, method)
-
-
 def check_exit_weights(config: Config, num_exits: int | None) -> None:
     """``loss.<table>.exit_weights`` must give one weight per exit of the model."""
-    section = _loss_section(config.loss.method)
+    section = loss_section(config.loss.method)
     weights = getattr(config.loss, section, {}).get("exit_weights")
     if num_exits is None or not isinstance(weights, list) or len(weights) == num_exits:
         return
@@ -796,7 +793,7 @@ def build_loop(config: Config, env: _distributed.DistEnv, log: RunLog) -> Loop:
             config.run.seed * 1000 + 2 * env.rank + 2
         ),
     }
-    criterion = build_criterion(config.loss, generators["loss"])
+    criterion = build_criterion(config.loss, generators["loss"], model=model)
     criterion.module.to(device)
 
     train_model: nn.Module = model
@@ -1176,9 +1173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     default_config = Path(__file__).parent / "configs" / "digits.toml"
     p.add_argument("--config", default=str(default_config), help="TOML config file")
-    p.add_argument(
-        "--method", choices=("adv", "neokd", "nkd", "eokd", "skd", "ard"), help="loss.method"
-    )
+    p.add_argument("--method", choices=METHODS, help="loss.method")
     p.add_argument("--train-attack", choices=("max-average", "average"), help="attack.train_mode")
     p.add_argument("--epochs", type=int, help="optim.epochs")
     p.add_argument("--batch-size", type=int, help="optim.batch_size (global, over all processes)")

@@ -32,6 +32,7 @@ from .inference import EarlyExitClassifier, run_until
 from .losses import (
     ARDLoss,
     ExitwiseOrthogonalKD,
+    LWLoss,
     NeighborKD,
     NEOKDLoss,
     NEOKDTerms,
@@ -48,6 +49,7 @@ __all__ = [
     "EarlyExitClassifier",
     "ExitView",
     "ExitwiseOrthogonalKD",
+    "LWLoss",
     "MultiExitPGD",
     "NEOKDLoss",
     "NEOKDTerms",

@@ -181,15 +181,16 @@ def check_reduction(reduction: object) -> Reduction:
     return reduction  # type: ignore[return-value]
 
 
-def check_exit_index(exit_index: object, num_exits: int) -> int:
+def check_exit_index(exit_index: object, num_exits: int, name: str = "exit_index") -> int:
     """Return ``exit_index`` made non-negative, or raise a ValueError if it is out of range.
 
-    Negative indices count from the last exit, as in Python: -1 is exit E - 1.
+    Negative indices count from the last exit, as in Python: -1 is exit E - 1. ``name``
+    is the argument's name in the messages.
     """
-    index = check_int(exit_index, "exit_index")
+    index = check_int(exit_index, name)
     if not -num_exits <= index < num_exits:
         raise ValueError(
-            f"`exit_index` must lie in [{-num_exits}, {num_exits}) for a model with "
+            f"`{name}` must lie in [{-num_exits}, {num_exits}) for a model with "
             f"{num_exits} exits, got {index}."
         )
     return index % num_exits

@@ -12,6 +12,7 @@ Example:
 from .distill.activation_boundary import activation_boundary_loss
 from .distill.bss import bss_kd_loss, bss_weight_schedule
 from .losses.baselines import ard_loss, skd_loss, triple_wins_loss
+from .losses.lw import exit_classifiers, lw_loss
 from .losses.neighbor import neighbor_kd, neighbor_weights
 from .losses.neokd import neokd_loss
 from .losses.orthogonal import exitwise_orthogonal_kd, orthogonal_label_mask
@@ -21,7 +22,9 @@ __all__ = [
     "ard_loss",
     "bss_kd_loss",
     "bss_weight_schedule",
+    "exit_classifiers",
     "exitwise_orthogonal_kd",
+    "lw_loss",
     "neighbor_kd",
     "neighbor_weights",
     "neokd_loss",

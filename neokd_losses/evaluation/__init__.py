@@ -8,7 +8,8 @@ network, for any model whose ``forward`` returns a list of E exit logits (B, K):
 - :func:`budget_curve` / :func:`budgeted_evaluation`: accuracy against expected cost when
   samples leave at the first confident exit (MSDNet's dynamic evaluation), with
   :func:`exit_costs` for the per-exit cost;
-- :func:`transferability_matrix`: how far a single attack on one exit fools the others;
+- :func:`transferability_matrix`: how far a single attack on one exit fools the others
+  (a :class:`TransferResult`: attack success rates and the counts behind them);
 
 plus :func:`sanity_checks` against gradient masking and matplotlib figures
 (:func:`plot_budget_curves`, :func:`plot_transferability`, :func:`plot_exit_accuracies`;
@@ -40,7 +41,12 @@ from neokd_losses.evaluation.sanity import (
     SanityReport,
     sanity_checks,
 )
-from neokd_losses.evaluation.transfer import off_diagonal_mean, transferability_matrix
+from neokd_losses.evaluation.transfer import (
+    TransferCount,
+    TransferResult,
+    off_diagonal_mean,
+    transferability_matrix,
+)
 
 __all__ = [
     "AnytimeResult",
@@ -48,6 +54,8 @@ __all__ = [
     "GradientMaskingWarning",
     "SanityCheck",
     "SanityReport",
+    "TransferCount",
+    "TransferResult",
     "anytime_accuracy",
     "anytime_table",
     "budget_curve",

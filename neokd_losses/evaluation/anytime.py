@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neokd_losses.evaluation._finite import checked_batches
 from neokd_losses.evaluation._loader import (
     Attack,
     Loader,
@@ -169,8 +170,9 @@ def anytime_accuracy(
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``attack`` is not callable, a
             batch is not ``(images, labels, ...)`` or the labels are not integers.
-        ValueError: if the loader yields no sample, or the labels are not (B,) for B
-            images or lie outside [0, K) (checked before the attack runs).
+        ValueError: if the loader yields no sample, the images contain NaN, or the labels
+            are not (B,) for B images or lie outside [0, K) (checked before the attack
+            runs).
 
     Shape:
         - batches: images (B, ...) and labels (B,) class indices in [0, K).
@@ -194,7 +196,7 @@ def anytime_accuracy(
     target = resolve_device(model, device)
     desc = "anytime (clean)" if attack is None else f"anytime ({attack_name(attack)})"
     with eval_mode(model):
-        batches = iterate_batches(loader, target, enabled=progress, desc=desc)
+        batches = checked_batches(iterate_batches(loader, target, enabled=progress, desc=desc))
         correct, total = count_correct(model, batches, attack)
     return AnytimeResult(
         correct=tuple(int(c) for c in correct.tolist()),

@@ -17,6 +17,16 @@ P = 39 points), from mostly-early (small p) to mostly-late exits (large p). The 
 cost of a threshold vector is Σ_k (fraction of test samples leaving at k) · cost_k, with
 cost_k the *cumulative* cost of computing exit k (see :func:`exit_costs`).
 
+With ``ensemble=True`` (the NEO-KD paper's "ensemble strategy" for budgeted prediction,
+whose exact rule the paper does not print), exit k does not predict from its own logits
+but from the mean of the softmax outputs of exits 1..k,
+
+    p̄_k = (1/k) Σ_{m ≤ k} softmax(z_m),    prediction_k = argmax p̄_k,
+    confidence_k = max p̄_k,
+
+used for the thresholds, the exit assignment and the prediction alike. The cost of exit
+k is unchanged: exits 1..k have all been computed by the time exit k is reached.
+
 Everything works on stacked (E, N, K) logits and is vectorised over samples; the loops
 left are over the E - 1 exits (each threshold depends on the previous ones) and over the
 P budget points. Accuracies are fractions in [0, 1].
@@ -33,6 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from neokd_losses._exits import check_targets, stack_exits
+from neokd_losses._validation import check_bool
+from neokd_losses.evaluation._finite import check_no_nan, checked_batches
 from neokd_losses.evaluation._loader import (
     Attack,
     Loader,
@@ -63,7 +75,13 @@ Numbers = Union[Sequence[float], Tensor]
 
 
 def _as_stacked(logits: StackedLogits, name: str) -> Tensor:
-    """Return (E, N, K) floating-point logits (half precision upcast to float32)."""
+    """Return (E, N, K) floating-point logits without NaN (half precision upcast to float32)."""
+    stacked = _stack(logits, name)
+    check_no_nan(stacked, name)
+    return stacked
+
+
+def _stack(logits: StackedLogits, name: str) -> Tensor:
     if isinstance(logits, Tensor):
         if not logits.is_floating_point():
             raise TypeError(
@@ -80,6 +98,32 @@ def _as_stacked(logits: StackedLogits, name: str) -> Tensor:
             return logits.float()
         return logits
     return stack_exits(logits, name=name)
+
+
+def _as_costs(costs: Numbers, length: int, device: torch.device) -> Tensor:
+    """Validate the cumulative exit costs: E finite, non-negative, non-decreasing numbers."""
+    cost = _as_vector(costs, length, "costs", device)
+    if bool((cost[1:] < cost[:-1]).any()):
+        raise ValueError(
+            "`costs` must be cumulative, so non-decreasing from the first exit to the last "
+            f"(exit k's cost includes everything computed before it), got {cost.tolist()}. "
+            "Pass the cost of computing exits 1..k for exit k, e.g. from exit_costs(model, x), "
+            "not the cost of exit k's own layers."
+        )
+    return cost
+
+
+def _as_proportions(proportions: Numbers, length: int) -> Tensor:
+    """Validate E non-negative proportions that sum to 1 (within 1e-6)."""
+    q = _as_vector(proportions, length, "proportions", torch.device("cpu"))
+    total = float(q.sum())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(
+            f"`proportions` must sum to 1 (the share of samples leaving at each exit), got "
+            f"{q.tolist()} summing to {total:.6g}. Normalize them (q / sum(q)) or use "
+            "exit_proportions(p, E)."
+        )
+    return q
 
 
 def _as_vector(values: Numbers, length: int, name: str, device: torch.device) -> Tensor:
@@ -119,9 +163,18 @@ def _floor_count(value: float) -> int:
     return math.floor(value)
 
 
-def _confidence(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Max softmax probability and predicted class of every exit and sample, (E, N) each."""
-    return logits.softmax(dim=-1).max(dim=-1)
+def _probabilities(logits: Tensor, ensemble: bool) -> Tensor:
+    """Softmax of every exit (E, N, K), or with ``ensemble`` the running mean over exits 1..k."""
+    probs = logits.softmax(dim=-1)
+    if not ensemble:
+        return probs
+    counts = torch.arange(1, probs.shape[0] + 1, dtype=probs.dtype, device=probs.device)
+    return probs.cumsum(dim=0) / counts[:, None, None]
+
+
+def _confidence(logits: Tensor, ensemble: bool = False) -> tuple[Tensor, Tensor]:
+    """Max probability and predicted class of every exit and sample, (E, N) each."""
+    return _probabilities(logits, ensemble).max(dim=-1)
 
 
 def exit_proportions(budget_index: float, num_exits: int, *, center: float = 20.0) -> Tensor:
@@ -161,7 +214,9 @@ def exit_proportions(budget_index: float, num_exits: int, *, center: float = 20.
     return powers / powers.sum()
 
 
-def fit_thresholds(val_logits: StackedLogits, proportions: Numbers) -> Tensor:
+def fit_thresholds(
+    val_logits: StackedLogits, proportions: Numbers, *, ensemble: bool = False
+) -> Tensor:
     """Fit one confidence threshold per exit on validation logits (MSDNet, Huang et al., ICLR 2018).
 
     Exit k (k < E) receives n_k = ⌊N · q_k⌋ of the validation samples that have not
@@ -172,16 +227,18 @@ def fit_thresholds(val_logits: StackedLogits, proportions: Numbers) -> Tensor:
 
     Args:
         val_logits: validation logits, (E, N, K) or a sequence of E tensors (N, K).
-        proportions: q, E non-negative numbers (normalised here to sum 1), e.g. from
-            :func:`exit_proportions`. The last one only matters through the normalisation.
+        proportions: q, E non-negative numbers summing to 1, e.g. from
+            :func:`exit_proportions`. The last one is implied by the others.
+        ensemble: confidences of the running mean of the softmax outputs of exits 1..k
+            (see the module docstring) instead of exit k's own.
 
     Returns:
         Thresholds (E,) in the logits' floating dtype and on their device.
 
     Raises:
         TypeError: if the logits are not floating point or ``proportions`` is not numeric.
-        ValueError: if shapes disagree, or the proportions are negative, non-finite or
-            all zero.
+        ValueError: if shapes disagree, the logits contain NaN, or the proportions are
+            negative, non-finite or do not sum to 1.
 
     Shape:
         - val_logits: (E, N, K) or sequence of E tensors (N, K).
@@ -198,12 +255,9 @@ def fit_thresholds(val_logits: StackedLogits, proportions: Numbers) -> Tensor:
     """
     logits = _as_stacked(val_logits, "val_logits")
     num_exits, num_samples, _ = logits.shape
-    q = _as_vector(proportions, num_exits, "proportions", torch.device("cpu"))
-    total = float(q.sum())
-    if total <= 0:
-        raise ValueError(f"`proportions` must not all be zero, got {q.tolist()}.")
-    counts = [_floor_count(num_samples * p) for p in (q / total).tolist()]
-    confidence, _ = _confidence(logits)  # (E, N)
+    q = _as_proportions(proportions, num_exits)
+    counts = [_floor_count(num_samples * p) for p in (q / q.sum()).tolist()]
+    confidence, _ = _confidence(logits, check_bool(ensemble, "ensemble"))  # (E, N)
     inf = torch.tensor(math.inf, dtype=confidence.dtype, device=confidence.device)
     thresholds = torch.full((num_exits,), math.inf, dtype=confidence.dtype, device=logits.device)
     left = torch.zeros(num_samples, dtype=torch.bool, device=logits.device)
@@ -220,7 +274,9 @@ def fit_thresholds(val_logits: StackedLogits, proportions: Numbers) -> Tensor:
     return thresholds
 
 
-def exit_assignment(logits: StackedLogits, thresholds: Numbers | Tensor) -> Tensor:
+def exit_assignment(
+    logits: StackedLogits, thresholds: Numbers | Tensor, *, ensemble: bool = False
+) -> Tensor:
     """The exit at which each sample leaves: the first k with confidence_k ≥ T_k.
 
     The last exit takes every sample that has not left before, whatever T_E is.
@@ -228,13 +284,14 @@ def exit_assignment(logits: StackedLogits, thresholds: Numbers | Tensor) -> Tens
     Args:
         logits: (E, N, K) or a sequence of E tensors (N, K).
         thresholds: T, (E,), e.g. from :func:`fit_thresholds`; ±inf allowed.
+        ensemble: confidences of the running mean of the softmax outputs of exits 1..k.
 
     Returns:
         Exit indices (N,), long, in [0, E).
 
     Raises:
         TypeError: if the logits are not floating point.
-        ValueError: if ``thresholds`` is not (E,) or holds NaN.
+        ValueError: if ``thresholds`` is not (E,) or holds NaN, or the logits contain NaN.
 
     Shape:
         - logits: (E, N, K) or a sequence of E tensors (N, K); thresholds: (E,).
@@ -247,7 +304,7 @@ def exit_assignment(logits: StackedLogits, thresholds: Numbers | Tensor) -> Tens
         tensor([0, 1])
     """
     stacked = _as_stacked(logits, "logits")
-    confidence, _ = _confidence(stacked)
+    confidence, _ = _confidence(stacked, check_bool(ensemble, "ensemble"))
     return _assign(confidence, _as_thresholds(thresholds, confidence))
 
 
@@ -289,17 +346,23 @@ def budgeted_accuracy(
     test_targets: Tensor,
     thresholds: Numbers | Tensor,
     costs: Numbers,
+    *,
+    ensemble: bool = False,
 ) -> tuple[float, float]:
     """Accuracy and expected cost when samples leave at the first confident exit.
 
     Each sample is predicted by the exit :func:`exit_assignment` gives it; the expected
-    cost is Σ_k (fraction of samples leaving at k) · cost_k.
+    cost is Σ_k (fraction of samples leaving at k) · cost_k. With ``ensemble=True`` exit k
+    predicts, and measures its confidence, from the mean of the softmax outputs of exits
+    1..k: p̄_k = (1/k) Σ_{m ≤ k} softmax(z_m), prediction argmax p̄_k, confidence max p̄_k.
 
     Args:
         test_logits: (E, N, K) or a sequence of E tensors (N, K).
         test_targets: class indices (N,).
         thresholds: T (E,), e.g. from :func:`fit_thresholds`.
-        costs: cumulative cost of each exit (E,), e.g. from :func:`exit_costs`.
+        costs: cumulative cost of each exit (E,), non-decreasing, e.g. from
+            :func:`exit_costs`.
+        ensemble: exit k uses the mean of the softmax outputs of exits 1..k.
 
     Returns:
         ``(accuracy, mean_cost)``: the accuracy in [0, 1] and the expected cost per sample,
@@ -307,26 +370,28 @@ def budgeted_accuracy(
 
     Raises:
         TypeError: if the logits are not floating point or the targets not integers.
-        ValueError: if shapes disagree, a target is out of range, ``costs`` is negative or
-            non-finite, or N = 0.
+        ValueError: if shapes disagree, a target is out of range, the logits contain NaN,
+            ``costs`` is negative, non-finite or decreasing, or N = 0.
 
     Shape:
         - test_logits: (E, N, K); test_targets: (N,); thresholds, costs: (E,).
 
     Example:
         >>> import torch
-        >>> logits = torch.tensor([[[4.0, 0.0], [0.0, 0.1]], [[0.0, 1.0], [0.0, 1.0]]])
+        >>> logits = torch.tensor([[[4.0, 0.0], [0.5, 0.0]], [[0.0, 1.0], [0.0, 0.2]]])
         >>> targets = torch.tensor([0, 0])
         >>> budgeted_accuracy(logits, targets, [0.9, float("-inf")], [1.0, 3.0])
         (0.5, 2.0)
+        >>> budgeted_accuracy(logits, targets, [0.9, float("-inf")], [1.0, 3.0], ensemble=True)
+        (1.0, 2.0)
     """
     logits = _as_stacked(test_logits, "test_logits")
     num_exits, num_samples, num_classes = logits.shape
     if num_samples == 0:
         raise ValueError("`test_logits` must hold at least one sample, got N = 0.")
     check_targets(test_targets, num_samples, num_classes, name="test_targets")
-    cost = _as_vector(costs, num_exits, "costs", logits.device)
-    confidence, prediction = _confidence(logits)
+    cost = _as_costs(costs, num_exits, logits.device)
+    confidence, prediction = _confidence(logits, check_bool(ensemble, "ensemble"))
     exits = _assign(confidence, _as_thresholds(thresholds, confidence))  # (N,)
     chosen = prediction.gather(0, exits[None]).squeeze(0)
     accuracy = (chosen == test_targets.to(logits.device)).double().mean()
@@ -346,6 +411,8 @@ class BudgetCurve:
             each exit.
         thresholds: P tuples of E thresholds (+inf: nobody leaves; the last is −inf).
         costs: the cumulative cost of each exit, E numbers.
+        ensemble: whether exit k predicted from the mean of the softmax outputs of
+            exits 1..k (``ensemble=True`` of :func:`budget_curve`).
 
     Example:
         >>> import torch
@@ -368,6 +435,7 @@ class BudgetCurve:
     exit_fractions: tuple[tuple[float, ...], ...]
     thresholds: tuple[tuple[float, ...], ...]
     costs: tuple[float, ...]
+    ensemble: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """A strictly JSON-serialisable dict (no ``inf``).
@@ -385,6 +453,7 @@ class BudgetCurve:
                 [None if math.isinf(t) else t for t in ts[:-1]] for ts in self.thresholds
             ],
             "costs": list(self.costs),
+            "ensemble": self.ensemble,
         }
 
 
@@ -395,20 +464,26 @@ def budget_curve(
     test_targets: Tensor,
     costs: Numbers,
     num_points: int = 39,
+    *,
+    ensemble: bool = False,
 ) -> BudgetCurve:
     """The budgeted-prediction curve: thresholds from validation, accuracy vs cost on test.
 
     For p = 1..P the proportions q_k ∝ (p / c)^k with c = (P + 1) / 2 (c = 20 for the
     paper's P = 39) give thresholds fitted on the validation logits
     (:func:`fit_thresholds`), applied to the test logits (:func:`budgeted_accuracy`).
+    With ``ensemble=True`` exit k's confidence and prediction come from the mean of the
+    softmax outputs of exits 1..k, for the thresholds and the test alike.
 
     Args:
         val_logits: validation logits, (E, N_val, K) or a sequence of E tensors.
         val_targets: validation class indices (N_val,); used for ``val_accuracies``.
         test_logits: test logits, (E, N, K) or a sequence of E tensors.
         test_targets: test class indices (N,).
-        costs: cumulative cost of each exit (E,), e.g. from :func:`exit_costs`.
+        costs: cumulative cost of each exit (E,), non-decreasing, e.g. from
+            :func:`exit_costs`.
         num_points: P >= 1, the number of budget points.
+        ensemble: exit k uses the mean of the softmax outputs of exits 1..k.
 
     Returns:
         A :class:`BudgetCurve`.
@@ -416,7 +491,8 @@ def budget_curve(
     Raises:
         TypeError: if logits or targets have the wrong kind.
         ValueError: if shapes or the number of exits disagree, a target is out of range,
-            ``costs`` is negative or ``num_points`` < 1.
+            the logits contain NaN, ``costs`` is negative or decreasing, or
+            ``num_points`` < 1.
 
     Shape:
         - val_logits: (E, N_val, K); val_targets: (N_val,).
@@ -444,15 +520,18 @@ def budget_curve(
     if val.shape[1] == 0:
         raise ValueError("`val_logits` must hold at least one sample, got N_val = 0.")
     check_targets(val_targets, val.shape[1], val.shape[2], name="val_targets")
-    cost = _as_vector(costs, num_exits, "costs", torch.device("cpu"))
-    test_confidence, _ = _confidence(test)
+    cost = _as_costs(costs, num_exits, torch.device("cpu"))
+    use_ensemble = check_bool(ensemble, "ensemble")
+    test_confidence, _ = _confidence(test, use_ensemble)
     center = (num_points + 1) / 2
     points = tuple(range(1, num_points + 1))
     mean_costs, accuracies, val_accuracies, fractions, thresholds = [], [], [], [], []
     for p in points:
-        t = fit_thresholds(val, exit_proportions(p, num_exits, center=center))
-        accuracy, mean_cost = budgeted_accuracy(test, test_targets, t, cost)
-        val_accuracy, _ = budgeted_accuracy(val, val_targets, t, cost)
+        t = fit_thresholds(
+            val, exit_proportions(p, num_exits, center=center), ensemble=use_ensemble
+        )
+        accuracy, mean_cost = budgeted_accuracy(test, test_targets, t, cost, ensemble=use_ensemble)
+        val_accuracy, _ = budgeted_accuracy(val, val_targets, t, cost, ensemble=use_ensemble)
         counts = torch.bincount(_assign(test_confidence, t.to(test.device)), minlength=num_exits)
         accuracies.append(accuracy)
         mean_costs.append(mean_cost)
@@ -467,6 +546,7 @@ def budget_curve(
         exit_fractions=tuple(fractions),
         thresholds=tuple(thresholds),
         costs=tuple(float(c) for c in cost.tolist()),
+        ensemble=use_ensemble,
     )
 
 
@@ -475,6 +555,7 @@ def collect_logits(
     loader: Loader,
     attack: Attack | None = None,
     *,
+    ensemble: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -484,20 +565,28 @@ def collect_logits(
     replaced by ``attack(images, labels)`` first. Results are gathered on the CPU so that
     large test sets do not hold accelerator memory.
 
+    With ``ensemble=True`` entry k of the result is log p̄_k, the log of the mean of the
+    softmax outputs of exits 1..k: its softmax is the ensemble's probabilities, so the
+    result can be passed to :func:`budget_curve` and the other functions *with*
+    ``ensemble=False`` (passing it with ``ensemble=True`` would average twice).
+
     Args:
         model: multi-exit model returning a sequence of E logits tensors (B, K).
         loader: iterable of ``(images, labels, ...)`` batches.
         attack: ``attack(images, labels) -> adversarial images``, or None.
+        ensemble: return the log of the running mean of the exits' softmax outputs.
         device: where batches are moved; defaults to the model's device.
         progress: show a tqdm progress bar (when tqdm is installed).
 
     Returns:
-        ``(logits, targets)``: (E, N, K) logits and (N,) labels, on the CPU.
+        ``(logits, targets)``: (E, N, K) logits (log-probabilities with ``ensemble``) and
+        (N,) labels, on the CPU.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``, ``attack`` is not callable, a
             batch is not ``(images, labels, ...)`` or the labels are not integers.
-        ValueError: if the loader yields no sample or a label lies outside [0, K).
+        ValueError: if the loader yields no sample, a label lies outside [0, K), or the
+            images or the model's logits contain NaN.
 
     Shape:
         - batches: images (B, ...) and labels (B,).
@@ -517,13 +606,17 @@ def collect_logits(
     check_model(model)
     if attack is not None:
         check_attack(attack)
+    use_ensemble = check_bool(ensemble, "ensemble")
     target = resolve_device(model, device)
     desc = "logits (clean)" if attack is None else f"logits ({attack_name(attack)})"
     chunks: list[Tensor] = []
     labels_list: list[Tensor] = []
     with eval_mode(model):
-        batches = iterate_batches(loader, target, enabled=progress, desc=desc)
+        batches = checked_batches(iterate_batches(loader, target, enabled=progress, desc=desc))
         for logits, labels in exit_logits(model, batches, attack):
+            check_no_nan(logits, "model(images)")
+            if use_ensemble:
+                logits = _probabilities(logits, ensemble=True).log()
             chunks.append(logits.cpu())
             labels_list.append(labels.cpu())
     if not chunks:
@@ -540,6 +633,7 @@ def budgeted_evaluation(
     attack: Attack | None = None,
     attack_validation: bool = True,
     num_points: int = 39,
+    ensemble: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> BudgetCurve:
@@ -558,6 +652,8 @@ def budgeted_evaluation(
         attack: ``attack(images, labels) -> adversarial images``, or None (clean).
         attack_validation: also attack the validation inputs (only with an attack).
         num_points: number of budget points P.
+        ensemble: exit k uses the mean of the softmax outputs of exits 1..k (see
+            :func:`budget_curve`).
         device: where batches are moved; defaults to the model's device.
         progress: show tqdm progress bars (when tqdm is installed).
 
@@ -592,4 +688,6 @@ def budgeted_evaluation(
     test_logits, test_targets = collect_logits(
         model, test_loader, attack, device=device, progress=progress
     )
-    return budget_curve(val_logits, val_targets, test_logits, test_targets, costs, num_points)
+    return budget_curve(
+        val_logits, val_targets, test_logits, test_targets, costs, num_points, ensemble=ensemble
+    )

@@ -1,6 +1,6 @@
-"""Neighbour knowledge distillation (NKD), the first of NEO-KD's two distillation terms.
+"""Neighbor knowledge distillation (NKD), the first of NEO-KD's two distillation terms.
 
-Inputs are *logits* (unnormalised scores) of every exit, on clean and on adversarial
+Inputs are *logits* (unnormalized scores) of every exit, on clean and on adversarial
 inputs; probabilities are formed inside with a softmax at temperature T.
 """
 
@@ -8,26 +8,25 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._exits import (
-    ExitLogits,
+from .._cross_entropy import soft_cross_entropy, tempered
+from .._exits import ExitLogits
+from .._validation import (
     ExitWeights,
     Reduction,
-    as_exit_weights,
+    check_bool,
     check_positive_int,
     check_reduction,
-    check_same_exits,
     check_temperature,
-    reduce_exits,
-    stack_exits,
 )
+from ._base import _MultiExitLoss, stack_pair, weigh_and_reduce
 
 __all__ = ["NeighborKD", "neighbor_kd", "neighbor_weights"]
 
 
 def neighbor_weights(num_exits: int) -> Tensor:
-    """The (E, E) averaging matrix of the neighbour teachers.
+    """The (E, E) averaging matrix of the neighbor teachers.
 
     Row i holds the weights with which the clean predictions of all exits enter exit i's
     teacher: 1/3 on exits i-1, i, i+1 for an inner exit; 1/2 on the first two exits for
@@ -61,22 +60,21 @@ def neighbor_weights(num_exits: int) -> Tensor:
     return weights / weights.sum(1, keepdim=True)
 
 
-def _neighbor_kd_terms(
-    student_log_probs: Tensor, clean: Tensor, temperature: float, detach_teacher: bool
-) -> Tensor:
-    """Unweighted NKD per exit and sample, (E, B), from the students' log-probabilities at
-    temperature T, (E, B, K), and the stacked clean logits."""
+def neighbor_teacher(clean: Tensor, temperature: float, detach_teacher: bool) -> Tensor:
+    """The neighbor teachers (E, B, K) of the stacked clean logits (E, B, K) at temperature T.
+
+    Row i mixes the clean probabilities of exits i-1, i, i+1 by :func:`neighbor_weights`.
+    """
     teacher_logits = clean.detach() if detach_teacher else clean
-    probs = F.softmax(teacher_logits / temperature, dim=-1)
+    probs = F.softmax(tempered(teacher_logits, temperature), dim=-1)
     # The rows of neighbor_weights, as shifted sums: p_{i-1} + p_i + p_{i+1} with zero
-    # padding beyond the first and last exit, divided by the number of neighbours. Plain
+    # padding beyond the first and last exit, divided by the number of neighbors. Plain
     # additions, not a matmul (einsum), so autocast cannot run the mix in bf16/fp16.
     num_exits = probs.shape[0]
     padded = F.pad(probs, (0, 0, 0, 0, 1, 1))
     summed = padded[:-2] + padded[1:-1] + padded[2:]
     counts = [1.0] if num_exits == 1 else [2.0] + [3.0] * (num_exits - 2) + [2.0]
-    teacher = summed / torch.tensor(counts, device=probs.device, dtype=probs.dtype)[:, None, None]
-    return -(teacher * student_log_probs).sum(-1) * temperature**2
+    return summed / torch.tensor(counts, device=probs.device, dtype=probs.dtype)[:, None, None]
 
 
 def neighbor_kd(
@@ -88,10 +86,10 @@ def neighbor_kd(
     reduction: Reduction = "mean",
     detach_teacher: bool = True,
 ) -> Tensor:
-    r"""Neighbour knowledge distillation (NKD) of NEO-KD (Ham et al., NeurIPS 2023).
+    r"""Neighbor knowledge distillation (NKD) of NEO-KD (Ham et al., NeurIPS 2023).
 
     Exit i's prediction on the adversarial input is distilled from the average of the
-    clean predictions of exit i and its direct neighbours:
+    clean predictions of exit i and its direct neighbors:
 
     .. math::
         \mathrm{NKD}_{ij} = T^2\, ℓ\Big(f_i(x_j^{adv}),\ \tfrac{1}{|N_i|}\textstyle\sum_{n \in N_i} f_n(x_j)\Big),
@@ -133,39 +131,34 @@ def neighbor_kd(
     """
     t = check_temperature(temperature)
     check_reduction(reduction)
-    adv = stack_exits(adv_logits, "adv_logits")
-    clean = stack_exits(clean_logits, "clean_logits")
-    check_same_exits(adv, clean, ("adv_logits", "clean_logits"))
-    weights = as_exit_weights(exit_weights, adv.shape[0])
-    log_probs = F.log_softmax(adv / t, dim=-1)
-    loss = _neighbor_kd_terms(log_probs, clean.to(adv.dtype), t, detach_teacher)
-    if weights is not None:
-        loss = loss * weights.to(loss)[:, None]
-    return reduce_exits(loss, reduction)
+    check_bool(detach_teacher, "detach_teacher")
+    adv, clean = stack_pair(adv_logits, clean_logits)
+    loss = soft_cross_entropy(adv, neighbor_teacher(clean, t, detach_teacher), t) * t**2
+    return weigh_and_reduce(loss, exit_weights, reduction)
 
 
-class NeighborKD(nn.Module):
-    """Neighbour knowledge distillation as a module; see :func:`neighbor_kd` for the formula.
+class NeighborKD(_MultiExitLoss):
+    """Neighbor knowledge distillation: :func:`neighbor_kd` as a module.
 
-    Args:
-        temperature: T > 0 dividing both sides' logits; the loss is scaled by T².
-        exit_weights: per-exit weights γ (E,), a registered buffer; default all ones.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        detach_teacher: stop gradients through the clean (teacher) side. Default True.
+    The constructor takes the keyword arguments of :func:`neighbor_kd` (same names,
+    defaults and checks, described there) and stores them; ``exit_weights`` becomes a
+    registered buffer.
 
     Shape:
         - adv_logits, clean_logits: sequences of E tensors (B, K).
         - output: () or (E, B) for ``reduction="none"``.
 
     Example:
-        >>> import torch
         >>> criterion = NeighborKD(exit_weights=[1.0, 1.0, 1.5])
+        >>> criterion
+        NeighborKD(temperature=1.0, exit_weights=[1.0, 1.0, 1.5], reduction='mean')
         >>> clean = [torch.randn(8, 10) for _ in range(3)]
         >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
         >>> criterion(adv, clean).backward()
     """
 
-    exit_weights: Tensor | None
+    _hyper_parameters = ("temperature",)
+    _passed = ("detach_teacher",)
 
     def __init__(
         self,
@@ -174,21 +167,9 @@ class NeighborKD(nn.Module):
         reduction: Reduction = "mean",
         detach_teacher: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(exit_weights, reduction)
         self.temperature = check_temperature(temperature)
-        self.reduction: Reduction = check_reduction(reduction)
-        self.detach_teacher = detach_teacher
-        self.register_buffer("exit_weights", as_exit_weights(exit_weights))
+        self.detach_teacher = check_bool(detach_teacher, "detach_teacher")
 
     def forward(self, adv_logits: ExitLogits, clean_logits: ExitLogits) -> Tensor:
-        return neighbor_kd(
-            adv_logits,
-            clean_logits,
-            temperature=self.temperature,
-            exit_weights=self.exit_weights,
-            reduction=self.reduction,
-            detach_teacher=self.detach_teacher,
-        )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        return neighbor_kd(adv_logits, clean_logits, **self._options())

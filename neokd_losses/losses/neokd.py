@@ -8,24 +8,23 @@ from __future__ import annotations
 from typing import Literal, NamedTuple, overload
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._exits import (
-    ExitLogits,
+from .._cross_entropy import per_exit_cross_entropy, soft_cross_entropy
+from .._exits import ExitLogits, reduce_exits
+from .._validation import (
     ExitWeights,
     Reduction,
     as_exit_weights,
+    check_bool,
     check_coefficient,
+    check_generator,
     check_reduction,
-    check_same_exits,
-    check_targets,
     check_temperature,
-    reduce_exits,
-    stack_exits,
 )
-from .neighbor import _neighbor_kd_terms
-from .orthogonal import _check_mask, _orthogonal_kd_terms, orthogonal_label_mask
+from ._base import _MultiExitLoss, stack_pair
+from .neighbor import neighbor_teacher
+from .orthogonal import orthogonal_teacher, resolve_mask
 
 __all__ = ["NEOKDLoss", "NEOKDTerms", "neokd_loss"]
 
@@ -169,34 +168,30 @@ def neokd_loss(
     b = check_coefficient("beta", beta)
     t = check_temperature(temperature)
     check_reduction(reduction)
-    adv = stack_exits(adv_logits, "adv_logits")
-    clean = stack_exits(clean_logits, "clean_logits").to(adv.dtype)
-    check_same_exits(adv, clean, ("adv_logits", "clean_logits"))
-    num_exits, batch, num_classes = adv.shape
-    check_targets(targets, batch, num_classes)
-    weights = as_exit_weights(exit_weights, num_exits)
+    check_generator(generator)
+    check_bool(detach_teacher, "detach_teacher")
+    check_bool(return_terms, "return_terms")
+    adv, clean = stack_pair(adv_logits, clean_logits, targets)
+    num_exits, batch, _ = adv.shape
+    gamma = as_exit_weights(exit_weights, num_exits)
 
-    # One log-softmax per side serves the cross-entropies and both distillation terms.
-    index = targets.long()[None, :, None].expand(num_exits, batch, 1)
-    clean_ce = -F.log_softmax(clean, dim=-1).gather(-1, index).squeeze(-1)
-    adv_log_probs = F.log_softmax(adv, dim=-1)
-    adv_ce = -adv_log_probs.gather(-1, index).squeeze(-1)
-    if (a or b) and t != 1.0:
-        adv_log_probs = F.log_softmax(adv / t, dim=-1)
-
-    zeros = adv.new_zeros(num_exits, batch)
-    nkd = _neighbor_kd_terms(adv_log_probs, clean, t, detach_teacher) if a else zeros
+    clean_ce = per_exit_cross_entropy(clean, targets)
+    adv_ce = per_exit_cross_entropy(adv, targets)
+    # The two teachers share one log-softmax of the adversarial logits: soft_cross_entropy
+    # broadcasts the stacked (n, E, B, K) teachers against the (E, B, K) student.
+    teachers = []
+    if a:
+        teachers.append(neighbor_teacher(clean, t, detach_teacher))
     if b:
-        if mask is None:
-            mask = orthogonal_label_mask(targets, num_exits, num_classes, generator=generator)
-        else:
-            _check_mask(mask, adv.shape)
-        eokd = _orthogonal_kd_terms(adv_log_probs, clean, mask.to(adv.device), t, detach_teacher)
-    else:
-        eokd = zeros
-    if weights is not None:
-        gamma = weights.to(adv)[:, None]
-        nkd, eokd = nkd * gamma, eokd * gamma
+        mask = resolve_mask(mask, targets, adv.shape, generator).to(adv.device)
+        teachers.append(orthogonal_teacher(clean, mask, t, detach_teacher))
+    nkd = eokd = adv.new_zeros(num_exits, batch)
+    if teachers:
+        kd = soft_cross_entropy(adv, torch.stack(teachers), t) * t**2
+        if gamma is not None:
+            kd = kd * gamma.to(kd)[:, None]
+        nkd = kd[0] if a else nkd
+        eokd = kd[-1] if b else eokd
     total = clean_ce + adv_ce + a * nkd + b * eokd
     if not return_terms:
         return reduce_exits(total, reduction)
@@ -205,25 +200,20 @@ def neokd_loss(
     )
 
 
-class NEOKDLoss(nn.Module):
-    """The NEO-KD objective as a module; see :func:`~neokd_losses.functional.neokd_loss`.
+class NEOKDLoss(_MultiExitLoss):
+    """The NEO-KD objective: :func:`~neokd_losses.functional.neokd_loss` as a module.
 
-    Args:
-        alpha: weight α >= 0 of neighbour KD (paper: 3).
-        beta: weight β >= 0 of exit-wise orthogonal KD (paper: 1).
-        exit_weights: per-exit weights γ (E,) of the distillation terms, a registered
-            buffer; default all ones (paper: ``[1, 1, 1, 1.5, 1.5]`` for 5 exits).
-        temperature: T > 0 of the distillation terms.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        generator: a ``torch.Generator`` for reproducible orthogonal masks.
-        detach_teacher: stop gradients through the clean side of NKD and EOKD.
+    The constructor takes the keyword arguments of
+    :func:`~neokd_losses.functional.neokd_loss` but ``mask`` and ``return_terms`` (same
+    names, defaults and checks, described there) and stores them; ``exit_weights``
+    becomes a registered buffer. ``forward`` takes ``mask`` and ``return_terms``. The
+    paper's settings are α = 3, β = 1 and γ = ``[1, 1, 1, 1.5, 1.5]`` for 5 exits.
 
     Shape:
         - adv_logits, clean_logits: sequences of E tensors (B, K); targets: (B,).
-        - output: () or (E, B) for ``reduction="none"``.
+        - mask: (E, B, K); output: () or (E, B) for ``reduction="none"``.
 
     Example:
-        >>> import torch
         >>> criterion = NEOKDLoss(alpha=3.0, beta=1.0)
         >>> clean = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
         >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
@@ -233,7 +223,8 @@ class NEOKDLoss(nn.Module):
         torch.Size([])
     """
 
-    exit_weights: Tensor | None
+    _hyper_parameters = ("alpha", "beta", "temperature")
+    _passed = ("generator", "detach_teacher")
 
     def __init__(
         self,
@@ -245,14 +236,13 @@ class NEOKDLoss(nn.Module):
         generator: torch.Generator | None = None,
         detach_teacher: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(exit_weights, reduction)
         self.alpha = check_coefficient("alpha", alpha)
         self.beta = check_coefficient("beta", beta)
         self.temperature = check_temperature(temperature)
-        self.reduction: Reduction = check_reduction(reduction)
+        check_generator(generator)
         self.generator = generator
-        self.detach_teacher = detach_teacher
-        self.register_buffer("exit_weights", as_exit_weights(exit_weights))
+        self.detach_teacher = check_bool(detach_teacher, "detach_teacher")
 
     @overload
     def forward(
@@ -289,19 +279,7 @@ class NEOKDLoss(nn.Module):
             adv_logits,
             clean_logits,
             targets,
-            alpha=self.alpha,
-            beta=self.beta,
-            exit_weights=self.exit_weights,
-            temperature=self.temperature,
             mask=mask,
-            generator=self.generator,
-            reduction=self.reduction,
-            detach_teacher=self.detach_teacher,
             return_terms=return_terms,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
-            f"reduction={self.reduction!r}"
+            **self._options(),
         )

@@ -1,7 +1,7 @@
 """Exit-wise orthogonal knowledge distillation (EOKD), NEO-KD's second distillation term.
 
 Inputs are *logits* of every exit on clean and adversarial inputs, and class-index
-targets. The orthogonal labelling keeps, for each exit, the ground-truth class and a
+targets. The orthogonal labeling keeps, for each exit, the ground-truth class and a
 random set of ⌊(K-1)/E⌋ other classes, disjoint across the exits of one sample.
 
 Mask redraw: the paper does not say how often the random selection is drawn. This library
@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .._exits import (
-    ExitLogits,
+from .._cross_entropy import soft_cross_entropy, tempered
+from .._exits import ExitLogits
+from .._validation import (
     ExitWeights,
     Reduction,
-    as_exit_weights,
+    check_bool,
+    check_generator,
     check_positive_int,
     check_reduction,
-    check_same_exits,
     check_targets,
     check_temperature,
-    reduce_exits,
-    stack_exits,
+    is_compiling,
 )
-from .._validation import is_compiling
+from ._base import _MultiExitLoss, stack_pair, weigh_and_reduce
 
 __all__ = ["ExitwiseOrthogonalKD", "exitwise_orthogonal_kd", "orthogonal_label_mask"]
 
@@ -129,20 +129,25 @@ def _argsort_rows(scores: Tensor) -> Tensor:
     return scores.argsort(dim=1)
 
 
-def _orthogonal_kd_terms(
-    student_log_probs: Tensor, clean: Tensor, mask: Tensor, temperature: float, detach_teacher: bool
+def orthogonal_teacher(
+    clean: Tensor, mask: Tensor, temperature: float, detach_teacher: bool
 ) -> Tensor:
-    """Unweighted EOKD per exit and sample, (E, B), from the students' log-probabilities at
-    temperature T, (E, B, K), the stacked clean logits and the (E, B, K) mask."""
+    """The EOKD teachers (E, B, K): each exit's clean softmax at temperature T, restricted
+    to the classes its (E, B, K) mask keeps and renormalized."""
     teacher_logits = clean.detach() if detach_teacher else clean
     # O(softmax(z)) = softmax(z restricted to the kept classes): stable for any logits,
     # and the target class is always kept, so no row is empty.
-    masked = (teacher_logits / temperature).masked_fill(~mask, float("-inf"))
-    teacher = F.softmax(masked, dim=-1)
-    return -(teacher * student_log_probs).sum(-1) * temperature**2
+    masked = tempered(teacher_logits, temperature).masked_fill(~mask, float("-inf"))
+    return F.softmax(masked, dim=-1)
 
 
-def _check_mask(mask: Tensor, shape: torch.Size) -> None:
+def resolve_mask(
+    mask: Tensor | None, targets: Tensor, shape: torch.Size, generator: torch.Generator | None
+) -> Tensor:
+    """The given (E, B, K) mask, checked, or a fresh draw (on the targets' device)."""
+    num_exits, _, num_classes = shape
+    if mask is None:
+        return orthogonal_label_mask(targets, num_exits, num_classes, generator=generator)
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         kind = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"`mask` must be a bool Tensor (E, B, K), got {kind}.")
@@ -151,6 +156,7 @@ def _check_mask(mask: Tensor, shape: torch.Size) -> None:
             f"`mask` must have shape (E, B, K) = {tuple(shape)} to match the logits, "
             f"got {tuple(mask.shape)}."
         )
+    return mask
 
 
 def exitwise_orthogonal_kd(
@@ -168,7 +174,7 @@ def exitwise_orthogonal_kd(
     r"""Exit-wise orthogonal knowledge distillation (EOKD) of NEO-KD (Ham et al., NeurIPS 2023).
 
     Each exit's adversarial prediction is distilled from its own clean prediction restricted
-    to the classes the orthogonal labelling O keeps for that exit, then renormalised:
+    to the classes the orthogonal labeling O keeps for that exit, then renormalized:
 
     .. math::
         \mathrm{EOKD}_{ij} = T^2\, ℓ\big(f_i(x_j^{adv}),\ O_i(f_i(x_j))\big),\quad
@@ -213,51 +219,36 @@ def exitwise_orthogonal_kd(
     """
     t = check_temperature(temperature)
     check_reduction(reduction)
-    adv = stack_exits(adv_logits, "adv_logits")
-    clean = stack_exits(clean_logits, "clean_logits")
-    check_same_exits(adv, clean, ("adv_logits", "clean_logits"))
-    num_exits, batch, num_classes = adv.shape
-    check_targets(targets, batch, num_classes)
-    weights = as_exit_weights(exit_weights, num_exits)
-    if mask is None:
-        mask = orthogonal_label_mask(targets, num_exits, num_classes, generator=generator)
-    else:
-        _check_mask(mask, adv.shape)
-    log_probs = F.log_softmax(adv / t, dim=-1)
-    loss = _orthogonal_kd_terms(
-        log_probs, clean.to(adv.dtype), mask.to(adv.device), t, detach_teacher
-    )
-    if weights is not None:
-        loss = loss * weights.to(loss)[:, None]
-    return reduce_exits(loss, reduction)
+    check_generator(generator)
+    check_bool(detach_teacher, "detach_teacher")
+    adv, clean = stack_pair(adv_logits, clean_logits, targets)
+    mask = resolve_mask(mask, targets, adv.shape, generator).to(adv.device)
+    loss = soft_cross_entropy(adv, orthogonal_teacher(clean, mask, t, detach_teacher), t) * t**2
+    return weigh_and_reduce(loss, exit_weights, reduction)
 
 
-class ExitwiseOrthogonalKD(nn.Module):
-    """Exit-wise orthogonal KD as a module; see :func:`exitwise_orthogonal_kd` for the formula.
+class ExitwiseOrthogonalKD(_MultiExitLoss):
+    """Exit-wise orthogonal KD: :func:`exitwise_orthogonal_kd` as a module.
 
-    A fresh orthogonal mask is drawn on every call from ``generator`` (or the global RNG);
-    pass ``mask=`` to ``forward`` to pin it.
-
-    Args:
-        temperature: T > 0 dividing both sides' logits; the loss is scaled by T².
-        exit_weights: per-exit weights γ (E,), a registered buffer; default all ones.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        generator: a ``torch.Generator`` for reproducible masks.
-        detach_teacher: stop gradients through the clean (teacher) side. Default True.
+    The constructor takes the keyword arguments of :func:`exitwise_orthogonal_kd` but
+    ``mask`` (same names, defaults and checks, described there) and stores them;
+    ``exit_weights`` becomes a registered buffer. A fresh orthogonal mask is drawn on
+    every call from ``generator`` (or the global RNG); pass ``mask=`` to ``forward`` to
+    pin it.
 
     Shape:
         - adv_logits, clean_logits: sequences of E tensors (B, K); targets: (B,).
-        - output: () or (E, B) for ``reduction="none"``.
+        - mask: (E, B, K); output: () or (E, B) for ``reduction="none"``.
 
     Example:
-        >>> import torch
         >>> criterion = ExitwiseOrthogonalKD(generator=torch.Generator().manual_seed(0))
         >>> clean = [torch.randn(8, 10) for _ in range(3)]
         >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
         >>> criterion(adv, clean, torch.randint(0, 10, (8,))).backward()
     """
 
-    exit_weights: Tensor | None
+    _hyper_parameters = ("temperature",)
+    _passed = ("generator", "detach_teacher")
 
     def __init__(
         self,
@@ -267,12 +258,11 @@ class ExitwiseOrthogonalKD(nn.Module):
         generator: torch.Generator | None = None,
         detach_teacher: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(exit_weights, reduction)
         self.temperature = check_temperature(temperature)
-        self.reduction: Reduction = check_reduction(reduction)
+        check_generator(generator)
         self.generator = generator
-        self.detach_teacher = detach_teacher
-        self.register_buffer("exit_weights", as_exit_weights(exit_weights))
+        self.detach_teacher = check_bool(detach_teacher, "detach_teacher")
 
     def forward(
         self,
@@ -283,16 +273,5 @@ class ExitwiseOrthogonalKD(nn.Module):
         mask: Tensor | None = None,
     ) -> Tensor:
         return exitwise_orthogonal_kd(
-            adv_logits,
-            clean_logits,
-            targets,
-            mask=mask,
-            generator=self.generator,
-            temperature=self.temperature,
-            exit_weights=self.exit_weights,
-            reduction=self.reduction,
-            detach_teacher=self.detach_teacher,
+            adv_logits, clean_logits, targets, mask=mask, **self._options()
         )
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"

@@ -282,3 +282,13 @@ def test_anytime_errors(model, loader, attack, error, match: str) -> None:
 def test_model_returning_single_tensor_is_rejected() -> None:
     with pytest.raises(TypeError, match="list or tuple of E exit logits"):
         anytime_accuracy(nn.Linear(2, 2), [(X, Y)], progress=False)
+
+
+def test_nan_images_are_reported_not_scored() -> None:
+    # Formerly a NaN image was scored as an ordinary prediction (a plausible accuracy).
+    model = TinyMultiExit().eval()
+    images = torch.rand(4, 1, 8, 8)
+    images[1, 0, 2, 3] = float("nan")
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"`images` contain NaN \(1 of 256 values\)"):
+        anytime_accuracy(model, [(images, labels)], progress=False)

@@ -234,9 +234,14 @@ def test_fit_thresholds_single_exit() -> None:
     assert cost == 4.5
 
 
-def test_fit_thresholds_unnormalised_proportions() -> None:
+def test_fit_thresholds_refuses_proportions_that_do_not_sum_to_one() -> None:
+    # Formerly normalized silently: [2, 2, 4] was read as [0.25, 0.25, 0.5].
     logits = random_logits(3, 30, 4, seed=4)
-    assert fit_thresholds(logits, [2.0, 2.0, 4.0]).tolist() == naive_fit_thresholds(
+    with pytest.raises(ValueError, match=r"must sum to 1 .* summing to 8\. Normalize"):
+        fit_thresholds(logits, [2.0, 2.0, 4.0])
+    with pytest.raises(ValueError, match="summing to 0.9"):
+        fit_thresholds(logits, [0.3, 0.3, 0.3])
+    assert fit_thresholds(logits, [0.25, 0.25, 0.5]).tolist() == naive_fit_thresholds(
         logits, [0.25, 0.25, 0.5]
     )
 
@@ -261,7 +266,7 @@ def test_fit_thresholds_half_precision_is_upcast() -> None:
         (torch.zeros(4, 5), [0.5, 0.5], ValueError, r"\(E, N, K\)"),
         (torch.zeros(3, 4, 5), [0.5, 0.5], ValueError, r"one entry per exit, shape \(3,\)"),
         (torch.zeros(3, 4, 5), [0.5, -0.1, 0.6], ValueError, "non-negative"),
-        (torch.zeros(3, 4, 5), [0.0, 0.0, 0.0], ValueError, "all be zero"),
+        (torch.zeros(3, 4, 5), [0.0, 0.0, 0.0], ValueError, "must sum to 1"),
         (torch.zeros(3, 4, 5), "abc", TypeError, "sequence of E numbers"),
         (torch.zeros(3, 4, 5), ["a", 1, 2], TypeError, "sequence of numbers"),
     ],
@@ -533,3 +538,159 @@ def test_collect_logits_errors() -> None:
         collect_logits(TinyMLPExits(), [], progress=False)
     with pytest.raises(TypeError, match="callable"):
         collect_logits(TinyMLPExits(), _batches(4, 4, 0), attack=3, progress=False)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- ensemble (mean of softmax 1..k)
+
+
+def naive_ensemble_confidence(logits: torch.Tensor) -> tuple[list[list[float]], list[list[int]]]:
+    """Exit k: the mean of the softmax outputs of exits 1..k, one sample at a time."""
+    num_exits, n, num_classes = logits.shape
+    probs = logits.double().softmax(-1).tolist()
+    conf = [[0.0] * n for _ in range(num_exits)]
+    pred = [[0] * n for _ in range(num_exits)]
+    for k in range(num_exits):
+        for i in range(n):
+            mean = [sum(probs[m][i][c] for m in range(k + 1)) / (k + 1) for c in range(num_classes)]
+            conf[k][i] = max(mean)
+            pred[k][i] = mean.index(max(mean))
+    return conf, pred
+
+
+def test_ensemble_hand_made_case() -> None:
+    # Two exits, two classes. softmax([0, 0]) = (1/2, 1/2); softmax([ln 3, 0]) = (3/4, 1/4);
+    # softmax([0, ln 2]) = (1/3, 2/3).
+    ln2, ln3 = math.log(2.0), math.log(3.0)
+    logits = torch.tensor(
+        [
+            [[ln3, 0.0], [0.0, 0.0], [0.0, 0.0]],  # exit 1: (3/4, 1/4), (1/2, 1/2), (1/2, 1/2)
+            [[0.0, ln2], [0.0, ln2], [ln3, 0.0]],  # exit 2: (1/3, 2/3), (1/3, 2/3), (3/4, 1/4)
+        ],
+        dtype=torch.float64,
+    )
+    targets = torch.tensor([0, 0, 0])
+    # Ensemble exit 2 = mean of exits 1 and 2: (13/24, 11/24), (5/12, 7/12), (5/8, 3/8).
+    thresholds = [0.7, -math.inf]  # only sample 0 leaves at exit 1 (confidence 3/4)
+    assert exit_assignment(logits, thresholds, ensemble=True).tolist() == [0, 1, 1]
+    # Plain: sample 0 right at exit 1; sample 1 wrong at exit 2 (2/3 on class 1); sample 2
+    # right at exit 2. Ensemble: samples 0 and 2 right, sample 1 wrong (7/12 on class 1).
+    assert budgeted_accuracy(logits, targets, thresholds, [1.0, 3.0]) == (
+        pytest.approx(2 / 3),
+        pytest.approx(7 / 3),
+    )
+    targets = torch.tensor([0, 1, 1])
+    # Sample 2 now has label 1: plain exit 2 says class 0 (3/4), ensemble class 0 (5/8):
+    # both wrong; sample 1 right under both.
+    assert budgeted_accuracy(logits, targets, thresholds, [1.0, 3.0], ensemble=True)[0] == (
+        pytest.approx(2 / 3)
+    )
+    # A case where they differ: exit 1 favors class 0 mildly, exit 2 class 1 mildly.
+    differ = torch.tensor(
+        [[[ln3, 0.0]], [[0.0, ln2]]], dtype=torch.float64
+    )  # mean: (13/24, 11/24) -> class 0; exit 2 alone -> class 1
+    y0 = torch.tensor([0])
+    everyone_late = [math.inf, -math.inf]
+    assert budgeted_accuracy(differ, y0, everyone_late, [1.0, 2.0]) == (0.0, 2.0)
+    assert budgeted_accuracy(differ, y0, everyone_late, [1.0, 2.0], ensemble=True) == (1.0, 2.0)
+    # Thresholds on the ensemble confidence: fit with q = (1/3, 2/3) on N = 3 samples sends
+    # one sample to exit 1, the most confident one (3/4 at exit 1, unchanged by ensembling).
+    t = fit_thresholds(logits, [1 / 3, 2 / 3], ensemble=True)
+    assert t[0].item() == pytest.approx(0.75) and t[1].item() == -math.inf
+    # The log-probabilities collect_logits(ensemble=True) returns: softmax = the mean.
+    model_logits = logits.clone()
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [model_logits[0] + 0 * x, model_logits[1] + 0 * x]
+
+    got, _ = collect_logits(Fixed(), [(torch.zeros(3, 2), targets)], ensemble=True, progress=False)
+    expected = torch.tensor(
+        [
+            [[3 / 4, 1 / 4], [1 / 2, 1 / 2], [1 / 2, 1 / 2]],
+            [[13 / 24, 11 / 24], [5 / 12, 7 / 12], [5 / 8, 3 / 8]],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(got.exp(), expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("p", [3, 20, 35])
+def test_ensemble_budget_curve_matches_naive(p: int) -> None:
+    val, test = random_logits(3, 60, 4, seed=50 + p), random_logits(3, 50, 4, seed=70 + p)
+    y_val = torch.randint(4, (60,), generator=torch.Generator().manual_seed(p))
+    y_test = torch.randint(4, (50,), generator=torch.Generator().manual_seed(p + 1))
+    costs = [1.0, 2.0, 4.0]
+    num_points = 39
+    q = naive_proportions(p, 3)
+    # Naive thresholds on the ensemble confidence, as naive_fit_thresholds does.
+    conf_val, _ = naive_ensemble_confidence(val)
+    n = 60
+    thresholds = [math.inf] * 3
+    left = [False] * n
+    for k in range(2):
+        wanted = math.floor(n * q[k])
+        order = [i for i in sorted(range(n), key=lambda i: -conf_val[k][i]) if not left[i]]
+        if 0 < wanted <= len(order):
+            thresholds[k] = conf_val[k][order[wanted - 1]]
+        for i in range(n):
+            left[i] = left[i] or conf_val[k][i] >= thresholds[k]
+    thresholds[-1] = -math.inf
+    conf, pred = naive_ensemble_confidence(test)
+    correct = cost = 0.0
+    for i in range(50):
+        k = next(k for k in range(3) if k == 2 or conf[k][i] >= thresholds[k])
+        correct += pred[k][i] == int(y_test[i])
+        cost += costs[k]
+    curve = budget_curve(
+        val.double(), y_val, test.double(), y_test, costs, num_points=num_points, ensemble=True
+    )
+    assert curve.ensemble and curve.to_dict()["ensemble"] is True
+    assert curve.accuracies[p - 1] == pytest.approx(correct / 50, abs=1e-12)
+    assert curve.mean_costs[p - 1] == pytest.approx(cost / 50, rel=1e-12)
+    plain = budget_curve(val, y_val, test, y_test, costs, num_points=num_points)
+    assert not plain.ensemble
+
+
+def test_ensemble_budgeted_evaluation_and_flag_checks() -> None:
+    model = TinyMLPExits()
+    batches = _batches(24, 8, seed=3)
+    curve = budgeted_evaluation(
+        model, batches, batches, [1.0, 2.0, 3.0], num_points=3, ensemble=True, progress=False
+    )
+    logits, targets = collect_logits(model, batches, progress=False)
+    assert curve == budget_curve(
+        logits, targets, logits, targets, [1.0, 2.0, 3.0], 3, ensemble=True
+    )
+    with pytest.raises(TypeError, match="ensemble"):
+        budgeted_accuracy(logits, targets, [0.5, 0.5, -math.inf], [1, 2, 3], ensemble="yes")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- silent no-ops refused
+
+
+def test_decreasing_costs_are_refused() -> None:
+    logits = random_logits(3, 10, 4, seed=9)
+    targets = torch.randint(4, (10,), generator=torch.Generator().manual_seed(9))
+    with pytest.raises(ValueError, match=r"`costs` must be cumulative, so non-decreasing"):
+        budgeted_accuracy(logits, targets, [0.5, 0.5, -math.inf], [3.0, 2.0, 5.0])
+    with pytest.raises(ValueError, match=r"got \[1.0, 4.0, 2.0\]"):
+        budget_curve(logits, targets, logits, targets, [1.0, 4.0, 2.0], num_points=3)
+    # Equal costs (exits sharing all computation) are allowed.
+    assert budgeted_accuracy(logits, targets, [-math.inf] * 3, [2.0, 2.0, 2.0])[1] == 2.0
+
+
+def test_nan_logits_and_images_are_refused() -> None:
+    logits = random_logits(2, 6, 3, seed=10)
+    targets = torch.zeros(6, dtype=torch.long)
+    logits[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"`test_logits` contain NaN \(1 of 36 values\)"):
+        budgeted_accuracy(logits, targets, [0.5, -math.inf], [1.0, 2.0])
+    with pytest.raises(ValueError, match="`val_logits` contain NaN"):
+        budget_curve(logits, targets, logits.nan_to_num(), targets, [1.0, 2.0], num_points=2)
+    model = TinyMLPExits()
+    batches = _batches(8, 4, seed=11)
+    images, labels = batches[1]
+    images = images.clone()
+    images[0].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="`images` contain NaN"):
+        collect_logits(model, [batches[0], (images, labels)], progress=False)

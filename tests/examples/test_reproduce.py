@@ -30,7 +30,7 @@ def _fake_result(
             "max-average": anytime(maxavg),
             "average": anytime(avg),
         },
-        "transferability": {"off_diagonal_mean": sum(off) / len(off)},
+        "transferability": {"off_diagonal_mean": sum(off) / len(off), "count": "clean-correct"},
         "samples": {"test": 10},
         "attack": {"eps": 0.3, "eval_steps": 50},
         "train_attack": "max-average",
@@ -49,7 +49,7 @@ def test_comparison_table_in_paper_format() -> None:
     table = reproduce.comparison_table("mnist_smallcnn", results).splitlines()
     assert table[0] == (
         "| Method | max-avg exit 1 | max-avg exit 2 | **max-avg mean** | avg exit 1 | avg exit 2 | **avg mean** "
-        "| clean mean | transfer (off-diag) |"
+        "| clean mean | transfer (off-diag, success rate) |"
     )
     assert (
         table[2]
@@ -61,6 +61,52 @@ def test_comparison_table_in_paper_format() -> None:
     )
     text = "\n".join(table)
     assert "| NEO-KD | 94.49 | 93.50 |" in text  # the paper's MNIST row is printed below
+    assert "| LW | 92.12 | 91.95 |" in text  # ... with the LW baseline's
+    assert "Pairing: both test attacks on the models trained with the max-average attack" in text
+    assert "among the samples the evaluated exit classifies correctly on clean inputs" in text
+
+
+def test_paired_table_takes_each_test_attack_from_its_training_attack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained: list[tuple[str, Path]] = []
+
+    def fake_run(args, method: str, root: Path) -> dict:
+        trained.append((method, root))
+        if root.name == "train-average":  # the model trained with the average attack
+            r = _fake_result(method, [0.1, 0.2], [0.8, 0.9], [0.5, 0.5], [[1, 0], [0, 1]])
+            return {**r, "train_attack": "average", "budget": {}}
+        r = _fake_result(method, [0.6, 0.7], [0.3, 0.4], [0.9, 0.9], [[1, 0.2], [0.4, 1]])
+        return {**r, "budget": {}}
+
+    monkeypatch.setattr(reproduce, "run_method", fake_run)
+    from neokd_losses.evaluation import plots
+
+    monkeypatch.setattr(plots, "plot_budget_curves", lambda *args, **kwargs: None)
+    argv = ["mnist_smallcnn", "--methods", "adv", "neokd", "--out-root", str(tmp_path)]
+    assert reproduce.main([*argv, "--paired"]) == 0
+    root = tmp_path / "mnist_smallcnn"
+    assert trained == [
+        ("adv", root),
+        ("neokd", root),
+        ("adv", root / "train-average"),
+        ("neokd", root / "train-average"),
+    ]
+    summary = (root / "summary-paired.md").read_text()
+    assert capsys.readouterr().out.strip() == summary.strip()
+    # max-average columns from the max-average model, average columns from the average one;
+    # clean accuracy and transfer from the max-average model.
+    assert "| NEO-KD | 60.00 | 70.00 | **65.00** | 80.00 | 90.00 | **85.00** | 90.00 | 30.00 |" in (
+        summary
+    )
+    assert "Pairing: each test attack on the model trained with the same attack" in summary
+    assert "models trained with each attack" in summary
+    assert not (root / "summary.md").exists()
+    with pytest.raises(SystemExit):
+        reproduce.main([*argv, "--paired", "--train-attack", "average"])
+    assert "--paired trains with both attacks itself" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reproduce.main([*argv, "--paired", "--set", "attack.train_mode=average"])
 
 
 def test_reproduce_runs_each_method_then_reuses_them(
