@@ -18,7 +18,14 @@ Example:
     >>> loss.backward()
 """
 
-from .attacks import BoundarySupportingAttack, ExitView, MultiExitPGD
+from .attacks import (
+    BoundarySupportingAttack,
+    ExitPolicyAttack,
+    ExitView,
+    MultiExitAPGD,
+    MultiExitPGD,
+    SlowdownAttack,
+)
 from .losses import (
     ActivationBoundaryLoss,
     ARDLoss,
@@ -40,13 +47,16 @@ __all__ = [
     "ActivationBoundaryLoss",
     "BSSDistillationLoss",
     "BoundarySupportingAttack",
+    "ExitPolicyAttack",
     "ExitView",
     "ExitwiseOrthogonalKD",
+    "MultiExitAPGD",
     "MultiExitPGD",
     "NEOKDLoss",
     "NEOKDTerms",
     "NeighborKD",
     "SKDLoss",
+    "SlowdownAttack",
     "TripleWinsLoss",
     "__version__",
     "ab_connector",

@@ -6,8 +6,21 @@ exit as a single-output model so any stock torchattacks attack can target it;
 ``BoundarySupportingAttack`` crafts the boundary-supporting samples of BSS distillation.
 """
 
+from neokd_losses.attacks.apgd import MultiExitAPGD, multi_exit_apgd
 from neokd_losses.attacks.boundary import BoundarySupportingAttack, BoundarySupportingSamples
 from neokd_losses.attacks.exit_view import ExitView
 from neokd_losses.attacks.pgd import MultiExitPGD
+from neokd_losses.attacks.policy import ExitPolicyAttack, deployed_decision
+from neokd_losses.attacks.slowdown import SlowdownAttack
 
-__all__ = ["BoundarySupportingAttack", "BoundarySupportingSamples", "ExitView", "MultiExitPGD"]
+__all__ = [
+    "BoundarySupportingAttack",
+    "BoundarySupportingSamples",
+    "ExitPolicyAttack",
+    "ExitView",
+    "MultiExitAPGD",
+    "MultiExitPGD",
+    "SlowdownAttack",
+    "deployed_decision",
+    "multi_exit_apgd",
+]

@@ -34,6 +34,13 @@ from neokd_losses.evaluation.plots import (
     plot_exit_accuracies,
     plot_transferability,
 )
+from neokd_losses.evaluation.robust import (
+    DeployedResult,
+    RobustResult,
+    deployed_evaluation,
+    robust_accuracy,
+    strong_evaluation,
+)
 from neokd_losses.evaluation.sanity import (
     GradientMaskingWarning,
     SanityCheck,
@@ -45,7 +52,9 @@ from neokd_losses.evaluation.transfer import off_diagonal_mean, transferability_
 __all__ = [
     "AnytimeResult",
     "BudgetCurve",
+    "DeployedResult",
     "GradientMaskingWarning",
+    "RobustResult",
     "SanityCheck",
     "SanityReport",
     "anytime_accuracy",
@@ -54,6 +63,7 @@ __all__ = [
     "budgeted_accuracy",
     "budgeted_evaluation",
     "collect_logits",
+    "deployed_evaluation",
     "exit_assignment",
     "exit_costs",
     "exit_proportions",
@@ -62,6 +72,8 @@ __all__ = [
     "plot_budget_curves",
     "plot_exit_accuracies",
     "plot_transferability",
+    "robust_accuracy",
     "sanity_checks",
+    "strong_evaluation",
     "transferability_matrix",
 ]
