@@ -129,7 +129,11 @@ def make_suite(
                     "a suite entry must be an attack name or a callable attack(images, "
                     f"labels), got {type(entry).__name__}."
                 )
-            out.append((attack_name(entry), entry))
+            label = attack_name(entry)
+            index = getattr(entry, "exit_index", None)
+            if isinstance(index, int) and label.endswith(")"):
+                label = f"{label[:-1]}, exit {index})"
+            out.append((label, entry))
             continue
         if entry not in ATTACK_NAMES:
             raise _unknown(entry, ATTACK_NAMES, "attack name")
@@ -177,10 +181,13 @@ def make_suite(
             out.append((entry, apgd))
     if not out:
         raise ValueError("the attack suite is empty; pass at least one attack.")
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise ValueError(f"the suite holds the same attack name twice: {names}.")
-    return out
+    # Equal names (two attacks of one kind) get a counter: the report is keyed by name.
+    counts: dict[str, int] = {}
+    unique = []
+    for label, attack in out:
+        counts[label] = counts.get(label, 0) + 1
+        unique.append((label if counts[label] == 1 else f"{label} #{counts[label]}", attack))
+    return unique
 
 
 def check_in_ball(name: str, adv: Tensor, images: Tensor, eps: float, norm: ThreatModel) -> None:
