@@ -45,6 +45,7 @@ from neokd_losses.evaluation.sanity import (
     GradientMaskingWarning,
     SanityCheck,
     SanityReport,
+    exit_sanity_checks,
     sanity_checks,
 )
 from neokd_losses.evaluation.transfer import off_diagonal_mean, transferability_matrix
@@ -67,6 +68,7 @@ __all__ = [
     "exit_assignment",
     "exit_costs",
     "exit_proportions",
+    "exit_sanity_checks",
     "fit_thresholds",
     "off_diagonal_mean",
     "plot_budget_curves",
