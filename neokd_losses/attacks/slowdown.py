@@ -125,7 +125,7 @@ class SlowdownAttack(MultiExitAttack):
             check_thresholds(self.thresholds, clean.shape[0])
         thresholds = self.thresholds
 
-        def objective(logits: Tensor, y: Tensor, step: int) -> Tensor:
+        def objective(logits: Tensor, y: Tensor, step: int, run: int) -> Tensor:
             return self.slowdown_objective(logits)
 
         def score(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
