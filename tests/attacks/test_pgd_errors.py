@@ -68,7 +68,7 @@ def test_model_must_be_a_module():
     [
         (torch.full((2, 16), 1.5), r"must lie in \[0, 1\], got values in \[1\.5, 1\.5\]"),
         (torch.full((2, 16), -0.25), r"must lie in \[0, 1\], got values in \[-0\.25, -0\.25\]"),
-        (torch.full((2, 16), float("nan")), r"must lie in \[0, 1\], got values in \[nan, nan\]"),
+        (torch.full((2, 16), float("nan")), r"`images` contain NaN \(32 of 32 values\)"),
         (torch.rand(16), r"at least 2 dimensions, got shape \(16,\)"),
     ],
 )
