@@ -124,8 +124,9 @@ def check_pgd_args(
 ) -> PGDConfig:
     """Validate the PGD arguments once; return them as a :class:`PGDConfig`.
 
-    Warns (UserWarning, at ``stacklevel`` above the caller) when an L∞ ``eps`` is 1 or
-    more: images live in [0, 1], so such a ball holds every image (a forgotten ``/ 255``).
+    Warns (UserWarning, at ``stacklevel`` above the caller) when an L∞ ``eps`` is above 1:
+    images live in [0, 1], so it is almost surely a forgotten ``/ 255``. ``eps=1`` (the
+    whole cube, the unbounded attack of sanity checks) does not warn.
 
     Raises:
         TypeError: an argument of the wrong kind.
@@ -186,11 +187,11 @@ def check_pgd_args(
                 f">= 1 or None, got {max_batch!r}."
             )
     check_generator(generator)
-    if norm == "Linf" and eps_ >= 1:
+    if norm == "Linf" and eps_ > 1:
         warnings.warn(
             f"eps={eps!r} is an L∞ radius in [0, 1] pixel units: images live in [0, 1], so "
-            "a radius of 1 or more allows any image. Did you forget to divide by 255 "
-            f"(eps={eps!r} / 255 = {eps_ / 255:.4g})?",
+            "a radius above 1 is almost surely a forgotten `/ 255` (eps=1 already allows "
+            f"any image). Did you mean eps={eps!r} / 255 = {eps_ / 255:.4g}?",
             UserWarning,
             stacklevel=stacklevel + 1,
         )
@@ -866,7 +867,7 @@ def multi_exit_pgd(
         images: clean images in [0, 1] (any floating dtype; cast to the model's dtype for
             its forward, the attack steps in the images' dtype or float32).
         labels: true class indices; the target classes with ``targeted=True``.
-        eps: radius ε of the ball (in [0, 1] pixel units), ≥ 0; an L∞ ε ≥ 1 warns (a
+        eps: radius ε of the ball (in [0, 1] pixel units), ≥ 0; an L∞ ε > 1 warns (a
             forgotten ``/ 255``).
         alpha: step size α, > 0.
         steps: PGD steps, ≥ 0; ``steps=0`` returns the (random) start.
@@ -898,7 +899,7 @@ def multi_exit_pgd(
         RuntimeError: the exit logits do not depend on the input.
 
     Warns:
-        UserWarning: L∞ eps ≥ 1.
+        UserWarning: L∞ eps > 1.
         RuntimeWarning: exits that look like probabilities, or input gradients that were
             all exactly zero.
 

@@ -110,7 +110,8 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         model: a multi-exit ``nn.Module`` whose forward returns a list or tuple of E
             logits tensors (B, K), or an ``ExitView`` of one (see above).
         eps: radius ε of the perturbation ball (L∞ or L2, in [0, 1] pixel units), ≥ 0.
-            An L∞ ε ≥ 1 warns: it is almost surely a forgotten ``/ 255``.
+            An L∞ ε > 1 warns: it is almost surely a forgotten ``/ 255`` (ε = 1, the
+            whole [0, 1] cube, is the unbounded attack of sanity checks).
         alpha: step size α, > 0.
         steps: number of PGD steps, ≥ 0; ``steps=0`` returns the (random) start, i.e. the
             clean images with ``random_start=False``.
@@ -142,7 +143,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         RuntimeError: at call time, if the exit logits do not depend on the input.
 
     Warns:
-        UserWarning: if an L∞ ``eps`` is 1 or more.
+        UserWarning: if an L∞ ``eps`` is above 1.
         RuntimeWarning: if the exits look like probabilities instead of logits, or every
             input gradient was exactly zero (gradient masking, saturated logits).
 
