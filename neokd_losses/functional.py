@@ -1,4 +1,4 @@
-"""Functional forms of the losses: pure functions of logits (or features), no state.
+"""Functional forms of the losses (pure functions of logits or features) and of the attacks.
 
 Example:
     >>> import torch
@@ -9,6 +9,7 @@ Example:
     torch.Size([])
 """
 
+from .attacks._pgd_core import multi_exit_pgd
 from .losses.activation_boundary import activation_boundary_loss
 from .losses.baselines import ard_loss, skd_loss, triple_wins_loss
 from .losses.bss import bss_kd_loss, bss_weight_schedule
@@ -22,6 +23,7 @@ __all__ = [
     "bss_kd_loss",
     "bss_weight_schedule",
     "exitwise_orthogonal_kd",
+    "multi_exit_pgd",
     "neighbor_kd",
     "neighbor_weights",
     "neokd_loss",
