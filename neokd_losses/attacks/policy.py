@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from neokd_losses._exits import stack_exits
 from neokd_losses._validation import check_generator, check_int, check_real
 from neokd_losses.attacks._adapter import MultiExitAttack
+from neokd_losses.attacks._pgd_core import pgd_step, random_start
 from neokd_losses.attacks.apgd import APGDLoss, attack_losses
 from neokd_losses.attacks.exit_view import as_exit_list
 from neokd_losses.attacks.pgd import ThreatModel
@@ -112,38 +113,6 @@ def _gates(logits: Tensor, thresholds: Tensor, tau: float) -> tuple[Tensor, Tens
     return s, survive
 
 
-def _l2(v: Tensor) -> Tensor:
-    norms: Tensor = v.flatten(1).norm(p=2, dim=1)
-    return norms.view(-1, *([1] * (v.dim() - 1)))
-
-
-def pgd_start(x0: Tensor, eps: float, norm: ThreatModel, gen: torch.Generator | None) -> Tensor:
-    """A uniform point of the L∞ ball, or (L2) a random direction scaled by U(0, 1)·ε."""
-    where = x0.device if gen is None else gen.device
-    if norm == "Linf":
-        noise = torch.empty(x0.shape, dtype=x0.dtype, device=where).uniform_(
-            -eps, eps, generator=gen
-        )
-        return (x0 + noise.to(x0.device)).clamp(0, 1)
-    d = torch.empty(x0.shape, dtype=x0.dtype, device=where).normal_(generator=gen).to(x0.device)
-    r = torch.empty(x0.shape[0], dtype=x0.dtype, device=where).uniform_(generator=gen)
-    scale = r.to(x0.device).view(-1, *([1] * (x0.dim() - 1))) * eps / _l2(d).clamp_min(1e-30)
-    return (x0 + d * scale).clamp(0, 1)
-
-
-def pgd_step(
-    x: Tensor, grad: Tensor, x0: Tensor, eps: float, alpha: float, norm: ThreatModel
-) -> Tensor:
-    """An ascent step (sign, or gradient over its L2 norm) and the projection on ball and [0, 1]."""
-    if norm == "Linf":
-        x = x + alpha * grad.sign()
-        return (x0 + (x - x0).clamp(-eps, eps)).clamp(0, 1)
-    x = x + alpha * grad / (_l2(grad) + 1e-10)
-    d = x - x0
-    factor = torch.clamp(eps / _l2(d).clamp_min(1e-30), max=1.0)
-    return (x0 + d * factor).clamp(0, 1)
-
-
 def tracked_pgd(
     forward: Callable[[Tensor], list[Tensor] | tuple[Tensor, ...]],
     x0: Tensor,
@@ -160,7 +129,8 @@ def tracked_pgd(
 ) -> Tensor:
     """PGD ascending ``objective(logits, labels, step, run)`` (N,); keeps the best iterate.
 
-    ``restarts`` runs start from fresh random points (``run`` is the run's index).
+    ``restarts`` runs start from fresh random points (``run`` is the run's index); the
+    random start and the step are :class:`~neokd_losses.attacks.MultiExitPGD`'s.
 
     Every iterate (the clean point and the starts included) is scored exactly by
     ``score``: a row keeps the first iterate with the highest primary score, the
@@ -184,13 +154,13 @@ def tracked_pgd(
     with torch.no_grad():  # the clean point is a candidate too: never worse than clean
         keep(x0, stack_exits(as_exit_list(forward(x0), "model"), name="model output"))
     for run in range(restarts):
-        x = pgd_start(x0, eps, norm, generator)
+        x = random_start(x0, 1, eps=eps, norm=norm, generator=generator)
         for i in range(steps):
             x = x.detach().requires_grad_(True)
             logits = stack_exits(as_exit_list(forward(x), "model"), name="model output")
             keep(x, logits)
             (grad,) = torch.autograd.grad(objective(logits, labels, i, run).sum(), x)
-            x = pgd_step(x.detach(), grad, x0, eps, alpha, norm)
+            x = pgd_step(x.detach(), grad, x0, eps=eps, alpha=alpha, norm=norm)
         with torch.no_grad():
             keep(x, stack_exits(as_exit_list(forward(x), "model"), name="model output"))
     return best.detach()
