@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from neokd_losses._exits import stack_exits
-from neokd_losses._validation import check_generator, check_int, check_real
+from neokd_losses._validation import check_generator, check_int, check_real, check_targets
 from neokd_losses.attacks._adapter import MultiExitAttack
 from neokd_losses.attacks._pgd_core import pgd_step, random_start
 from neokd_losses.attacks.apgd import APGDLoss, attack_losses
@@ -291,6 +291,7 @@ class ExitPolicyAttack(MultiExitAttack):
         with torch.no_grad():
             clean = stack_exits(self.get_exit_logits(images), name="model output")
         check_thresholds(self.thresholds, clean.shape[0])
+        check_targets(labels, images.shape[0], clean.shape[-1], name="labels")
 
         def objective(logits: Tensor, y: Tensor, step: int, run: int) -> Tensor:
             loss = self.loss[run % len(self.loss)]

@@ -86,6 +86,11 @@ def test_thresholds_must_match_the_exits() -> None:
     atk = ExitPolicyAttack(model, [0.5, 0.5], eps=0.1, alpha=0.05, steps=1)
     with pytest.raises(ValueError, match="one threshold per exit of the model: it has 3 exits"):
         atk(torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    good = ExitPolicyAttack(model, [0.5, 0.5, 0.0], eps=0.1, alpha=0.05, steps=1)
+    with pytest.raises(ValueError, match="`labels` must lie in \\[0, 5\\)"):
+        good(torch.rand(2, 1, 8, 8), torch.tensor([0, 9]))
+    with pytest.raises(ValueError, match="`loss`"):
+        ExitPolicyAttack(model, [0.5, 0.5, 0.0], loss=("ce", "dlr"))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="`thresholds`"):
         ExitPolicyAttack(model, "0.5")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NaN"):
