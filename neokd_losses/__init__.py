@@ -19,6 +19,7 @@ Example:
 """
 
 from .attacks import BoundarySupportingAttack, ExitView, MultiExitPGD
+from .inference import EarlyExitClassifier, run_until
 from .losses import (
     ActivationBoundaryLoss,
     ARDLoss,
@@ -40,6 +41,7 @@ __all__ = [
     "ActivationBoundaryLoss",
     "BSSDistillationLoss",
     "BoundarySupportingAttack",
+    "EarlyExitClassifier",
     "ExitView",
     "ExitwiseOrthogonalKD",
     "MultiExitPGD",
@@ -53,6 +55,7 @@ __all__ = [
     "activation_boundary_loss",
     "bss_kd_loss",
     "orthogonal_label_mask",
+    "run_until",
 ]
 
 __version__ = "0.1.0"
