@@ -29,13 +29,12 @@ The 7-exit MSDNet for CIFAR-100 (3×32×32, 3,067,960 parameters), B = ``--msd-b
     adversarial forwards in training mode, ``NEOKDLoss`` and the backward pass): time
     with the generic attack and with the truncated one.
 
-The models are staged when the library's SmallCNN / MSDNet implement the staged-model
-protocol (``neokd_losses.models.staged``); until then a staged adapter written here
-runs their own submodules stage by stage. Times are the fastest (or the median, where
-said) of ``--repeats`` runs after a warm-up, the attacks taking turns.
+SmallCNN and MSDNet implement the staged-model protocol (``neokd_losses.models.staged``);
+``Unstaged`` hides it to time the generic path. Times are the fastest (or the median,
+where said) of ``--repeats`` runs after a warm-up, the attacks taking turns.
 
     python benchmarks/bench_attacks.py [--device cuda] [--repeats 5] [--batch 128]
-        [--small-batches 1,4,16] [--msd-batch 32]
+        [--small-batches 1,4,16] [--msd-batch 32] [--sections abcde]
 """
 
 from __future__ import annotations
@@ -61,9 +60,9 @@ from torch.utils.flop_counter import flop_registry
 from neokd_losses import NEOKDLoss
 from neokd_losses.attacks import ExitView, MultiExitPGD
 from neokd_losses.functional import multi_exit_pgd
-from neokd_losses.models.msdnet import MSDNet, msdnet_cifar100
+from neokd_losses.models.msdnet import msdnet_cifar100
 from neokd_losses.models.small_cnn import SmallCNN
-from neokd_losses.models.staged import is_staged, run_stages
+from neokd_losses.models.staged import require_staged
 
 EPS, ALPHA, STEPS = 0.3, 20 / 255, 10
 MSD_EPS, MSD_ALPHA, MSD_STEPS = 8 / 255, 2 / 255, 7
@@ -85,55 +84,9 @@ def make_model(device: torch.device) -> nn.Module:
     return model.to(device).eval()
 
 
-class _StagedSmallCNN(nn.Module):
-    """SmallCNN run stage by stage (only used while SmallCNN is not staged itself)."""
-
-    num_exits = 3
-
-    def __init__(self, net: SmallCNN) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward_stage(self, index: int, state: Tensor) -> tuple[Tensor, Tensor]:
-        if index == 0:
-            h = self.net.block1(state)
-            return h, self.net.exit1(h)
-        if index == 1:
-            h = self.net.block2(state)
-            return h, self.net.exit2(h)
-        z = self.net.block3(state)
-        return z, z
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        return run_stages(self, x)
-
-
-class _StagedMSDNet(nn.Module):
-    """MSDNet run stage by stage (only used while MSDNet is not staged itself)."""
-
-    def __init__(self, net: MSDNet) -> None:
-        super().__init__()
-        self.net = net
-        self.num_exits = len(net.heads)
-
-    def forward_stage(self, index: int, state: Any) -> tuple[list[Tensor], Tensor]:
-        features = self.net.stem(state) if index == 0 else state
-        features = self.net.blocks[index](features)
-        return features, self.net.heads[index](features[-1])
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        return run_stages(self, x)
-
-
 def as_staged(model: nn.Module) -> nn.Module:
-    """``model`` if it implements the staged protocol, else a staged adapter of it."""
-    if is_staged(model):
-        return model
-    if isinstance(model, SmallCNN):
-        return _StagedSmallCNN(model)
-    if isinstance(model, MSDNet):
-        return _StagedMSDNet(model)
-    raise TypeError(f"no staged adapter for {type(model).__name__}")
+    """``model``, checked to implement the staged-model protocol (SmallCNN, MSDNet do)."""
+    return require_staged(model, "the truncated attacks of this benchmark")  # type: ignore[return-value]
 
 
 class Unstaged(nn.Module):
@@ -337,8 +290,8 @@ def msdnet_section(batch: int, repeats: int, device: torch.device) -> None:
         "generic": MultiExitPGD(generic, **kw),
     }
     net.eval()
-    for atk in atks.values():  # warm-up
-        MultiExitPGD(atk._exit_model, eps=MSD_EPS, alpha=MSD_ALPHA, steps=1)(images[:2], labels[:2])
+    for model in (staged, generic):  # warm-up
+        MultiExitPGD(model, eps=MSD_EPS, alpha=MSD_ALPHA, steps=1)(images[:2], labels[:2])
     times = timed_all(
         {name: (lambda atk=atk: atk(images, labels)) for name, atk in atks.items()},
         repeats,
@@ -396,12 +349,23 @@ def main() -> None:
     )
     parser.add_argument("--msd-batch", type=int, default=32, help="B of (d) and (e); 0 skips")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--sections", default="abcde", help="'abc' (SmallCNN), 'de' (MSDNet) or both"
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
         memory_child(args.memory_child, args.batch)
         return
     device = torch.device(args.device)
+    if "a" in args.sections:
+        smallcnn_section(args, device)
+    if "d" in args.sections and args.msd_batch:
+        msdnet_section(args.msd_batch, args.repeats, device)
+
+
+def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
+    """(a), (b) and (c) on SmallCNN."""
     torch.manual_seed(0)
     model = make_model(device)
     images, labels = data(args.batch, device)
@@ -420,8 +384,7 @@ def main() -> None:
     print(
         f"{type(model).__name__} ({params:,} parameters), B = {args.batch}, {STEPS} steps, "
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"fastest (median for b) of {args.repeats} runs; staged: {is_staged(model)} "
-        f"(else the benchmark's adapter)"
+        f"fastest (median for b) of {args.repeats} runs"
     )
     for name, seconds in best.items():
         print(f"  {name:<28s} {seconds * 1000:9.1f} ms")
@@ -462,8 +425,6 @@ def main() -> None:
     for size, ratio in small.items():
         print(f"    time ratio at B = {size}: {ratio:.3f}")
     print(f"(c) average / naive per-exit loop:               {ratio_c:.3f}  (target <= 1.05)")
-    if args.msd_batch:
-        msdnet_section(args.msd_batch, args.repeats, device)
 
 
 if __name__ == "__main__":

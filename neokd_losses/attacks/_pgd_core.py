@@ -50,7 +50,7 @@ from neokd_losses._validation import (
     upcast,
 )
 from neokd_losses.attacks.exit_view import as_exit_list
-from neokd_losses.models.staged import is_staged, run_stages
+from neokd_losses.models.staged import is_staged, run_stages, run_until
 
 __all__ = [
     "AttackMode",
@@ -341,8 +341,10 @@ class ExitForward:
     float32 model as float32, the attack itself still steps in float64), then through the
     model. For a staged model (``forward_stage``, see :mod:`neokd_losses.models.staged`)
     :meth:`exits_until` runs stages 0..k only and :meth:`candidate_losses` lets each
-    candidate's rows leave the batch after the exit it attacks; other models always run
-    their full forward (autograd then skips what the loss does not read).
+    candidate's rows leave the batch after the exit it attacks; an ``attach_exits``
+    model without stages stops its backbone after exit k
+    (:func:`~neokd_losses.models.staged.run_until`); other models run their full forward
+    (autograd then skips what the loss does not read).
 
     In training mode with batch statistics (BatchNorm) a sample's output depends on the
     rows run with it, so truncated and full forwards differ there; attacks run the model
@@ -354,7 +356,7 @@ class ExitForward:
 
     Example:
         >>> fwd = ExitForward(TwoExits())
-        >>> [z.shape for z in fwd.exits_until(torch.rand(5, 4), 0)]
+        >>> [z.shape for z in fwd.exits_until(torch.rand(5, 4), 1)]
         [torch.Size([5, 3]), torch.Size([5, 3])]
 
     Shape:
@@ -411,10 +413,13 @@ class ExitForward:
         return out
 
     def exits_until(self, x: Tensor, last: int) -> Sequence[Tensor]:
-        """The logits of exits 0..``last`` at least: no stage past ``last`` for staged models."""
-        if self.staged:
-            return run_stages(self.model, self.prepare(x), last)  # type: ignore[arg-type]
-        return self.all_exits(x)
+        """The logits of exits 0..``last`` (>= 0), computing nothing deeper where it can.
+
+        :func:`~neokd_losses.models.staged.run_until`: stages 0..``last`` of a staged
+        model, the backbone stopped after exit ``last``'s layer for ``attach_exits``
+        models, the full forward otherwise.
+        """
+        return run_until(self.model, self.prepare(x), last)
 
     def exit_loss(self, x: Tensor, labels: Tensor, index: int) -> Tensor:
         """Every row's CE at exit ``index`` (>= 0), (N,)."""
@@ -440,7 +445,7 @@ class ExitForward:
         if not self.staged:
             # Row r reads exit first + r // B of the full forward; the other exits' logits
             # of that row get zero gradient.
-            logits = torch.stack(tuple(self.all_exits(x)))
+            logits = torch.stack(tuple(self.exits_until(x, last - 1)))
             logits = upcast(logits)
             own = torch.arange(first, last, device=x.device).repeat_interleave(batch)
             chosen = logits.gather(0, own.view(1, -1, 1).expand(1, -1, logits.shape[2]))
