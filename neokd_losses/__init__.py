@@ -26,6 +26,7 @@ from .attacks import (
     MultiExitPGD,
     SlowdownAttack,
 )
+from .inference import EarlyExitClassifier, run_until
 from .losses import (
     ActivationBoundaryLoss,
     ARDLoss,
@@ -47,6 +48,7 @@ __all__ = [
     "ActivationBoundaryLoss",
     "BSSDistillationLoss",
     "BoundarySupportingAttack",
+    "EarlyExitClassifier",
     "ExitPolicyAttack",
     "ExitView",
     "ExitwiseOrthogonalKD",
@@ -63,6 +65,7 @@ __all__ = [
     "activation_boundary_loss",
     "bss_kd_loss",
     "orthogonal_label_mask",
+    "run_until",
 ]
 
 __version__ = "0.1.0"

@@ -50,7 +50,7 @@ from neokd_losses._validation import (
     upcast,
 )
 from neokd_losses.attacks.exit_view import as_exit_list
-from neokd_losses.models.staged import is_staged, run_stages
+from neokd_losses.models.staged import is_staged, run_stages, run_until
 
 __all__ = [
     "AttackMode",
@@ -94,7 +94,11 @@ Objective = Callable[[Tensor], Tensor]
 
 @dataclass(frozen=True)
 class PGDConfig:
-    """Validated PGD hyper-parameters (see :func:`multi_exit_pgd` for their meaning)."""
+    """Validated PGD hyper-parameters (see :func:`multi_exit_pgd` for their meaning).
+
+    Built by :func:`check_pgd_args`; attacks built on the core carry one instead of ten
+    arguments.
+    """
 
     eps: float
     alpha: float
@@ -131,6 +135,13 @@ def check_pgd_args(
     Raises:
         TypeError: an argument of the wrong kind.
         ValueError: an argument of the wrong value.
+
+    Example:
+        >>> cfg = check_pgd_args(eps=8 / 255, alpha=2 / 255, steps=7, random_start=True,
+        ...                      mode="max-average", exit_index=None, exit_weights=[1, 2],
+        ...                      norm="Linf", max_batch=None, generator=None)
+        >>> cfg.steps, cfg.exit_weights
+        (7, (1.0, 2.0))
     """
     eps_ = check_real(eps, "eps")
     if eps_ < 0:
@@ -213,6 +224,15 @@ def check_images(images: object) -> None:
     """TypeError / ValueError unless ``images`` is a floating batch (B, ...) in [0, 1].
 
     NaN entries are reported as such (a NaN image has no place in [0, 1]).
+
+    Example:
+        >>> check_images(torch.full((2, 3), float("nan")))
+        Traceback (most recent call last):
+        ...
+        ValueError: `images` contain NaN (6 of 6 values); attacks need images in [0, 1]. Check the data pipeline (e.g. a division by a zero std).
+
+    Shape:
+        - images: (B, ...), at least 2 dimensions.
     """
     check_image_kind(images)
     assert isinstance(images, Tensor)
@@ -230,6 +250,15 @@ def check_labels(labels: object, batch: int, num_classes: int | None, name: str 
 
     ``num_classes=None`` is for labels checked before the model ran (K unknown): their
     kind, their shape and a lower bound of 0; the upper bound waits for the model's K.
+
+    Example:
+        >>> check_labels(torch.tensor([0, 4]), 2, 3)
+        Traceback (most recent call last):
+        ...
+        ValueError: `labels` must lie in [0, 3) for K = 3 classes, got values in [0, 4].
+
+    Shape:
+        - labels: (B,) integer class indices.
     """
     if num_classes is None:
         if (
@@ -264,6 +293,11 @@ def check_output(
     Checks the exits (floating (N, K), one shape), their batch against ``rows`` and the
     labels against K; warns (RuntimeWarning) when the exits look like probabilities.
 
+    Example:
+        >>> z = [torch.randn(2, 3), torch.randn(2, 3)]
+        >>> check_output(z, torch.tensor([0, 2]), 2, "Net", "labels").shape
+        torch.Size([2, 2, 3])
+
     Shape:
         - exits: sequence of E tensors (N, K); labels: (N,).
         - output: (E, N, K), at least float32.
@@ -287,7 +321,15 @@ def check_output(
 
 
 def exit_weight_vector(weights: tuple[float, ...] | None, num_exits: int, like: Tensor) -> Tensor:
-    """Exit weights (E,) normalized to sum 1, in ``like``'s dtype and device (uniform for None)."""
+    """Exit weights (E,) normalized to sum 1, in ``like``'s dtype and device (uniform for None).
+
+    Example:
+        >>> exit_weight_vector((1.0, 3.0), 2, torch.zeros(1))
+        tensor([0.2500, 0.7500])
+
+    Shape:
+        - output: (E,).
+    """
     w = as_exit_weights(weights, num_exits)
     if w is None:
         return torch.full((num_exits,), 1.0 / num_exits, dtype=like.dtype, device=like.device)
@@ -305,28 +347,14 @@ def _model_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _drop_rows(state: Any, count: int) -> Any:
-    """A stage state (tensor, or tuple / list / dict of them, batch first) without its first rows."""
+def _rows(state: Any, rows: slice) -> Any:
+    """Rows ``rows`` of a stage state: a tensor, or a tuple / list / dict of them, batch first."""
     if isinstance(state, Tensor):
-        return state[count:]
+        return state[rows]
     if isinstance(state, dict):
-        return {key: _drop_rows(value, count) for key, value in state.items()}
+        return {key: _rows(value, rows) for key, value in state.items()}
     if isinstance(state, (tuple, list)):
-        return type(state)(_drop_rows(value, count) for value in state)
-    raise TypeError(
-        f"a stage state must be a Tensor or a tuple / list / dict of Tensors (batch first), "
-        f"got {type(state).__name__}."
-    )
-
-
-def _first_rows(state: Any, count: int) -> Any:
-    """The first ``count`` rows of a stage state."""
-    if isinstance(state, Tensor):
-        return state[:count]
-    if isinstance(state, dict):
-        return {key: _first_rows(value, count) for key, value in state.items()}
-    if isinstance(state, (tuple, list)):
-        return type(state)(_first_rows(value, count) for value in state)
+        return type(state)(_rows(value, rows) for value in state)
     raise TypeError(
         f"a stage state must be a Tensor or a tuple / list / dict of Tensors (batch first), "
         f"got {type(state).__name__}."
@@ -341,8 +369,10 @@ class ExitForward:
     float32 model as float32, the attack itself still steps in float64), then through the
     model. For a staged model (``forward_stage``, see :mod:`neokd_losses.models.staged`)
     :meth:`exits_until` runs stages 0..k only and :meth:`candidate_losses` lets each
-    candidate's rows leave the batch after the exit it attacks; other models always run
-    their full forward (autograd then skips what the loss does not read).
+    candidate's rows leave the batch after the exit it attacks; an ``attach_exits``
+    model without stages stops its backbone after exit k
+    (:func:`~neokd_losses.models.staged.run_until`); other models run their full forward
+    (autograd then skips what the loss does not read).
 
     In training mode with batch statistics (BatchNorm) a sample's output depends on the
     rows run with it, so truncated and full forwards differ there; attacks run the model
@@ -354,7 +384,7 @@ class ExitForward:
 
     Example:
         >>> fwd = ExitForward(TwoExits())
-        >>> [z.shape for z in fwd.exits_until(torch.rand(5, 4), 0)]
+        >>> [z.shape for z in fwd.exits_until(torch.rand(5, 4), 1)]
         [torch.Size([5, 3]), torch.Size([5, 3])]
 
     Shape:
@@ -411,10 +441,13 @@ class ExitForward:
         return out
 
     def exits_until(self, x: Tensor, last: int) -> Sequence[Tensor]:
-        """The logits of exits 0..``last`` at least: no stage past ``last`` for staged models."""
-        if self.staged:
-            return run_stages(self.model, self.prepare(x), last)  # type: ignore[arg-type]
-        return self.all_exits(x)
+        """The logits of exits 0..``last`` (>= 0), computing nothing deeper where it can.
+
+        :func:`~neokd_losses.models.staged.run_until`: stages 0..``last`` of a staged
+        model, the backbone stopped after exit ``last``'s layer for ``attach_exits``
+        models, the full forward otherwise.
+        """
+        return run_until(self.model, self.prepare(x), last)
 
     def exit_loss(self, x: Tensor, labels: Tensor, index: int) -> Tensor:
         """Every row's CE at exit ``index`` (>= 0), (N,)."""
@@ -440,7 +473,7 @@ class ExitForward:
         if not self.staged:
             # Row r reads exit first + r // B of the full forward; the other exits' logits
             # of that row get zero gradient.
-            logits = torch.stack(tuple(self.all_exits(x)))
+            logits = torch.stack(tuple(self.exits_until(x, last - 1)))
             logits = upcast(logits)
             own = torch.arange(first, last, device=x.device).repeat_interleave(batch)
             chosen = logits.gather(0, own.view(1, -1, 1).expand(1, -1, logits.shape[2]))
@@ -451,17 +484,19 @@ class ExitForward:
             if stage < first:
                 state, _ = self.model.forward_stage(stage, state)  # type: ignore[operator]
                 continue
-            # The candidate attacking this exit runs the stage apart from the rows that go
-            # on, so that its rows skip the next state and the others skip the exit head in
-            # the backward pass (one call would back-propagate zeros through both).
-            _, own = self.model.forward_stage(stage, _first_rows(state, batch))  # type: ignore[operator]
+            # The rows of candidate `stage` run this stage apart from the rows that go on:
+            # one call would also back-propagate (zero) gradients through this exit's head
+            # for the rows that go on. Split, the arithmetic is exactly that of one
+            # candidate at a time, with fewer calls (2E - 1 stage calls per step, not
+            # E(E + 1) / 2).
+            _, own = self.model.forward_stage(stage, _rows(state, slice(None, batch)))  # type: ignore[operator]
             losses.append(
                 F.cross_entropy(
                     upcast(own), labels[(stage - first) * batch :][:batch], reduction="none"
                 )
             )
             if stage + 1 < last:
-                state, _ = self.model.forward_stage(stage, _drop_rows(state, batch))  # type: ignore[operator]
+                state, _ = self.model.forward_stage(stage, _rows(state, slice(batch, None)))  # type: ignore[operator]
         return torch.cat(losses)
 
 
@@ -469,7 +504,12 @@ class ExitForward:
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for float16 / bfloat16 images, else their own dtype (float32, float64)."""
+    """float32 for float16 / bfloat16 images, else their own dtype (float32, float64).
+
+    Example:
+        >>> working_dtype(torch.bfloat16), working_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -598,6 +638,19 @@ def ascend(
 
     Raises:
         RuntimeError: if the objective does not depend on the input.
+
+    Example:
+        >>> cfg = check_pgd_args(eps=0.1, alpha=0.05, steps=3, random_start=False,
+        ...                      mode="average", exit_index=None, exit_weights=None,
+        ...                      norm="Linf", max_batch=None, generator=None)
+        >>> x0 = torch.full((1, 2), 0.5)
+        >>> adv, moved = ascend(lambda x: x.sum(), x0, x0, cfg, "toy")
+        >>> adv, bool(moved)
+        (tensor([[0.6000, 0.6000]]), True)
+
+    Shape:
+        - x0, start: (N, ...); the objective maps (N, ...) to a scalar.
+        - output: (N, ...) and a 0-d boolean tensor.
     """
     x = start
     moved: Tensor | None = None
@@ -623,7 +676,19 @@ def ascend(
 
 
 def warn_if_stuck(moved: Sequence[Tensor | None], model_name: str, steps: int) -> None:
-    """RuntimeWarning when every input gradient of every step was exactly zero."""
+    """RuntimeWarning when every input gradient of every step was exactly zero.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_if_stuck([torch.tensor(False)], "Net", 3)
+        >>> caught[0].category.__name__
+        'RuntimeWarning'
+
+    Shape:
+        - moved: per attack run, a 0-d boolean tensor (or None without steps).
+    """
     flags = [m for m in moved if m is not None]
     if flags and not bool(torch.stack(flags).any()):
         warnings.warn(
@@ -799,6 +864,17 @@ def run_pgd(
 
     The result is on the model's device (``images``' device for a model without
     parameters or buffers), in the images' dtype.
+
+    Example:
+        >>> cfg = check_pgd_args(eps=0.1, alpha=0.05, steps=2, random_start=True,
+        ...                      mode="single", exit_index=0, exit_weights=None,
+        ...                      norm="L2", max_batch=None, generator=None)
+        >>> x, y = torch.rand(3, 4), torch.tensor([0, 1, 2])
+        >>> run_pgd(TwoExits(), x, y, cfg).shape
+        torch.Size([3, 4])
+
+    Shape:
+        - images: (B, ...); labels: (B,); output: (B, ...).
     """
     fwd = ExitForward(model, transform)
     check_images(images)

@@ -10,7 +10,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from neokd_losses._validation import check_positive_int
+from neokd_losses._validation import check_exit_index, check_positive_int
+from neokd_losses.models.staged import StageState, run_stages
 
 __all__ = ["AttachedExits", "HeadFactory", "attach_exits"]
 
@@ -109,6 +110,7 @@ class _TapSession(threading.local):
     def __init__(self) -> None:
         self.taps: list[tuple[int, Tensor]] | None = None
         self.heads: nn.ModuleList | None = None
+        self.stop_after = 0  # > 0: stop the backbone once this many exits have been tapped
         self.channels: tuple[int, ...] = ()
         self.layers: tuple[str, ...] = ()
 
@@ -134,6 +136,44 @@ def _tap(session: _TapSession, index: int, module: nn.Module, args: Any, output:
             "`example_input=` to attach_exits to measure the channels instead of guessing."
         )
     taps.append((index, heads[index](output)))
+    if len(taps) == session.stop_after:
+        raise _StopForward
+
+
+class _StopForward(Exception):
+    """Raised by a tap to stop the backbone once the last exit wanted has been computed."""
+
+
+def _sequential_stages(
+    backbone: nn.Module, layers: Sequence[str], include_output: bool
+) -> tuple[tuple[int, tuple[str, ...]], ...] | None:
+    """The stages of an ``nn.Sequential`` backbone with exits on direct children, or None.
+
+    Stage k is ``(head index, names of the children it runs)``: the children after the
+    previous exit's layer up to and including exit k's layer (in execution order); with
+    ``include_output`` a last stage (head index -1) runs the remaining children.
+    """
+    if (
+        not isinstance(backbone, nn.Sequential)
+        or type(backbone).forward is not nn.Sequential.forward
+    ):
+        return None
+    children = list(backbone._modules)
+    if any(name not in children for name in layers):
+        return None
+    every = [m for _, m in backbone.named_modules(remove_duplicate=False)]
+    for name in layers:  # each tapped layer must run exactly once
+        if sum(m is backbone._modules[name] for m in every) != 1:
+            return None
+    order = sorted(range(len(layers)), key=lambda i: children.index(layers[i]))
+    stages, start = [], 0
+    for head in order:
+        end = children.index(layers[head]) + 1
+        stages.append((head, tuple(children[start:end])))
+        start = end
+    if include_output:
+        stages.append((-1, tuple(children[start:])))
+    return tuple(stages)
 
 
 class AttachedExits(nn.Module):
@@ -148,12 +188,27 @@ class AttachedExits(nn.Module):
     replicas and concurrent calls from several threads are safe. ``copy.deepcopy``,
     ``torch.save`` and ``torch.compile`` (one graph) work on the wrapper.
 
+    Stages (see :class:`~neokd_losses.models.staged.StagedModel`): when the backbone is
+    a plain ``nn.Sequential`` (not a subclass with its own ``forward``) and every exit
+    sits on one of its direct children (names without a dot, each module used once), the
+    wrapper is staged: ``has_stages`` is True and ``forward_stage(k, state)`` runs the
+    children after exit k − 1's layer up to exit k's layer, then exit k's head (with
+    ``include_output``, the last stage runs the remaining children). The state is the
+    tensor flowing through the Sequential. Any other backbone (a torchvision ResNet,
+    exits on nested layers) has no ``forward_stage``; :func:`~neokd_losses.models.run_until`
+    still computes nothing past exit k on it, by stopping the backbone right after exit
+    k's head (a private exception raised by the hook and caught by the wrapper).
+    ``forward`` always runs the whole backbone through the hooks, as before; its exits
+    equal those of the stages.
+
     Attributes:
         backbone: the wrapped network (shared, not copied).
         layers: the names of the layers that carry an exit.
         heads: one head per entry of ``layers``, in the same order.
         include_output: whether the backbone's own output is the last exit.
         num_classes: K.
+        num_exits: E = ``len(layers)`` (+1 with ``include_output``).
+        has_stages: whether the wrapper implements the staged-model protocol.
 
     Shape:
         - input: (B, ...), whatever the backbone accepts.
@@ -171,6 +226,8 @@ class AttachedExits(nn.Module):
         [(2, 5), (2, 5)]
         >>> net(torch.rand(2, 3, 8, 8)).shape  # the backbone alone is unchanged
         torch.Size([2, 5])
+        >>> model.has_stages, [tuple(z.shape) for z in model.forward_stage(0, torch.rand(2, 3, 8, 8))]
+        (True, [(2, 8, 6, 6), (2, 5)])
     """
 
     def __init__(
@@ -188,11 +245,83 @@ class AttachedExits(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.num_classes = num_classes
         self.include_output = include_output
+        self.num_exits = len(self.layers) + int(include_output)
         self._channels = tuple(channels)
         self._session = _TapSession()
+        self._stages = _sequential_stages(backbone, self.layers, include_output)
+        self.has_stages = self._stages is not None
         modules = dict(backbone.named_modules())
         for index, name in enumerate(self.layers):
             modules[name].register_forward_hook(partial(_tap, self._session, index))
+
+    @property
+    def forward_stage(self) -> Callable[[int, StageState], tuple[StageState, Tensor]]:
+        """Stage ``index`` of a staged wrapper: ``(state, index) -> (next state, logits)``.
+
+        Only present (``has_stages``) for an ``nn.Sequential`` backbone with exits on its
+        direct children; otherwise reading it raises AttributeError, so that
+        :func:`~neokd_losses.models.staged.is_staged` is False.
+        """
+        if self._stages is None:
+            raise AttributeError(
+                "this AttachedExits has no stages: its backbone is not an nn.Sequential with "
+                "exits on direct children (see AttachedExits)."
+            )
+        return self._forward_stage
+
+    def _forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
+        assert self._stages is not None
+        head, names = self._stages[index]
+        modules = self.backbone._modules
+        for name in names:
+            module = modules[name]
+            assert module is not None
+            state = module(state)
+        if head >= 0:
+            return state, self.heads[head](state)
+        return state, self._check_output(state)
+
+    def _run_until(self, x: Tensor, exit_index: int) -> list[Tensor]:
+        """Exits 0..``exit_index``; the backbone stops right after that exit's head."""
+        last = check_exit_index(exit_index, self.num_exits)
+        if self._stages is not None:
+            return run_stages(self, x, last)
+        if last == self.num_exits - 1:
+            full: list[Tensor] = self(x)
+            return full
+        session = self._session
+        session.taps, session.heads = [], self.heads
+        session.channels, session.layers = self._channels, self.layers
+        session.stop_after = last + 1
+        try:
+            self.backbone(x)
+        except _StopForward:
+            pass
+        finally:
+            taps = session.taps
+            session.taps = session.heads = None
+            session.stop_after = 0
+        if taps is None or len(taps) != last + 1:
+            raise ValueError(
+                f"the backbone finished after {0 if taps is None else len(taps)} of the "
+                f"{last + 1} exits wanted; every layer with an exit must run once per forward."
+            )
+        return [z for _, z in taps]
+
+    def _check_output(self, output: Any) -> Tensor:
+        """The backbone's own output as the last exit: logits (B, K)."""
+        if not isinstance(output, Tensor) or output.dim() != 2:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise ValueError(
+                f"with include_output=True the backbone must return logits (B, K), got {shape}."
+            )
+        if output.shape[1] != self.num_classes:
+            raise ValueError(
+                f"the backbone returns {output.shape[1]} classes but the exits have "
+                f"num_classes={self.num_classes}; replace the backbone's classifier "
+                "(e.g. `model.fc = nn.Linear(512, K)`) or set include_output=False."
+            )
+        return output
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Exit logits in execution order, then the backbone's output if ``include_output``.
@@ -219,18 +348,7 @@ class AttachedExits(nn.Module):
             )
         logits = [z for _, z in taps]
         if self.include_output:
-            if not isinstance(output, Tensor) or output.dim() != 2:
-                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
-                raise ValueError(
-                    f"with include_output=True the backbone must return logits (B, K), got {shape}."
-                )
-            if output.shape[1] != self.num_classes:
-                raise ValueError(
-                    f"the backbone returns {output.shape[1]} classes but the exits have "
-                    f"num_classes={self.num_classes}; replace the backbone's classifier "
-                    "(e.g. `model.fc = nn.Linear(512, K)`) or set include_output=False."
-                )
-            logits.append(output)
+            logits.append(self._check_output(output))
         return logits
 
 

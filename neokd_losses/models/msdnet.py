@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from neokd_losses._validation import check_image_input, check_positive_int, check_real
+from neokd_losses.models.staged import StageState, run_stages
 
 __all__ = [
     "MSDNet",
@@ -210,6 +211,10 @@ class MSDNet(nn.Module):
     CIFAR stem is ConvBasic(C, nChannels·gr[0], 3, 1, 1); the ImageNet stem is conv 7×7
     stride 2 (with bias) → BN → ReLU → maxpool 3 stride 2.
 
+    Staged (see :class:`~neokd_losses.models.staged.StagedModel`): stage b runs block b
+    (stage 0 also the stem) and exit head b; the state between stages is the list of
+    the kept scales' feature maps (B, C_s, H_s, W_s), finest first.
+
     Initialisation: conv weights N(0, 2/(k·k·C_out)), BN weight 1 and bias 0, linear
     bias 0 (PyTorch's default for linear weights and the ImageNet stem's conv bias).
 
@@ -273,6 +278,7 @@ class MSDNet(nn.Module):
         super().__init__()
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.num_blocks = check_positive_int(num_blocks, "num_blocks")
+        self.num_exits = self.num_blocks
         check_positive_int(base, "base")
         check_positive_int(step, "step")
         check_positive_int(num_channels, "num_channels")
@@ -374,15 +380,24 @@ class MSDNet(nn.Module):
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
+    def forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
+        """Stage ``index``: block ``index`` (after the stem for 0) and its exit head.
+
+        Stage 0 takes the images (B, C, H, W) and checks them; later stages take the
+        list of feature maps the previous stage returned.
+        """
+        if not 0 <= index < self.num_blocks:
+            raise ValueError(f"MSDNet has stages 0..{self.num_blocks - 1}, got index {index!r}.")
+        if index == 0:
+            check_image_input(state, self.in_channels, self.image_size, type(self).__name__)
+            state = self.stem(state)
+        features: list[Tensor] = self.blocks[index](state)
+        logits: Tensor = self.heads[index](features[-1])
+        return features, logits
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """Logits of the E exits, earliest first; see the class docstring for shapes."""
-        check_image_input(x, self.in_channels, self.image_size, type(self).__name__)
-        features = self.stem(x)
-        logits = []
-        for block, head in zip(self.blocks, self.heads, strict=True):
-            features = block(features)
-            logits.append(head(features[-1]))
-        return logits
+        return run_stages(self, x)
 
 
 def msdnet_cifar10(num_classes: int = 10, in_channels: int = 3) -> MSDNet:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from neokd_losses._validation import check_image_input, check_positive_int, check_real
+from neokd_losses.models.staged import StageState, run_stages
 
 __all__ = ["SmallCNN"]
 
@@ -43,6 +44,10 @@ class SmallCNN(nn.Module):
     layer (fc 200→K) starts at zero weight and bias, so exit 3 outputs zeros at first;
     other linear layers keep PyTorch's default.
 
+    Staged (see :class:`~neokd_losses.models.staged.StagedModel`): stage 0 is block 1
+    and exit 1 (state: the 32-channel features), stage 1 is block 2 and exit 2 (state:
+    the 64-channel features), stage 2 is block 3 (the trunk's end is exit 3).
+
     Parameters: 836,846 with the defaults (K = 10, C = 1).
 
     Cost per exit for one 1×28×28 input, measured with
@@ -72,6 +77,8 @@ class SmallCNN(nn.Module):
         >>> [tuple(z.shape) for z in model(torch.rand(2, 1, 28, 28))]
         [(2, 10), (2, 10), (2, 10)]
     """
+
+    num_exits = 3
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, dropout: float = 0.5) -> None:
         super().__init__()
@@ -119,11 +126,26 @@ class SmallCNN(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
+    def forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
+        """Stage ``index`` (0, 1, 2): the next block's features and the exit's logits.
+
+        Stage 0 takes the images (B, C, 28, 28) and checks them; the next state of stage
+        2 is its logits.
+        """
+        if index == 0:
+            check_image_input(
+                state, self.in_channels, (_IMAGE_SIZE, _IMAGE_SIZE), type(self).__name__
+            )
+            h1: Tensor = self.block1(state)
+            return h1, self.exit1(h1)
+        if index == 1:
+            h2: Tensor = self.block2(state)
+            return h2, self.exit2(h2)
+        if index == 2:
+            z3: Tensor = self.block3(state)
+            return z3, z3
+        raise ValueError(f"SmallCNN has stages 0, 1 and 2, got index {index!r}.")
+
     def forward(self, x: Tensor) -> list[Tensor]:
         """Logits of the three exits, earliest first; see the class docstring for shapes."""
-        check_image_input(x, self.in_channels, (_IMAGE_SIZE, _IMAGE_SIZE), type(self).__name__)
-        h1 = self.block1(x)
-        z1 = self.exit1(h1)
-        h2 = self.block2(h1)
-        z2 = self.exit2(h2)
-        return [z1, z2, self.block3(h2)]
+        return run_stages(self, x)

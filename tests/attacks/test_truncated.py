@@ -208,3 +208,23 @@ def test_average_mode_and_no_grad_on_staged_model():
     with torch.no_grad():
         adv = _attack(model, x, y, mode="average")
     torch.testing.assert_close(adv, _attack(Plain(model), x, y, mode="average"), rtol=0, atol=1e-12)
+
+
+def test_library_smallcnn_single_mode_skips_the_deeper_blocks():
+    from neokd_losses.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().double().eval()
+    calls: Counter[str] = Counter()
+    for name in ("block1", "block2", "block3", "exit1", "exit2"):
+        getattr(model, name).register_forward_hook(lambda *_, name=name: calls.update([name]))
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    y = torch.tensor([3, 7])
+    adv = _attack(model, x, y, mode="single", exit_index=0)
+    assert calls == {"block1": STEPS, "exit1": STEPS}
+    torch.testing.assert_close(
+        adv, _attack(Plain(model), x, y, mode="single", exit_index=0), rtol=0, atol=1e-12
+    )
+    torch.testing.assert_close(
+        _attack(model, x, y), _attack(Plain(model), x, y), rtol=0, atol=1e-12
+    )
