@@ -4,7 +4,8 @@ A deployed early-exit network answers with the first exit whose confidence (max 
 reaches its threshold; the last exit answers for every sample no earlier exit took. This
 is exactly the rule of :func:`neokd_losses.evaluation.exit_assignment`, and
 :func:`deployed_decision` applies it to the full forward pass: running every exit and
-reading the exit the rule picks gives the same answer as stopping at that exit.
+reading the exit the rule picks gives the same answer as stopping at that exit, i.e. as
+:class:`~neokd_losses.inference.EarlyExitClassifier` (tested).
 :class:`ExitPolicyAttack` attacks that answer rather than any fixed exit.
 """
 

@@ -159,3 +159,21 @@ def test_at_least_as_strong_as_max_average_on_the_deployed_accuracy() -> None:
         assert acc_policy <= acc_pgd, (p, acc_policy, acc_pgd)
         assert acc_policy < clean_acc[-1]
     assert min(clean_acc) > 0.6  # the model did learn: the comparison is meaningful
+
+
+def test_deployed_decision_is_the_answer_of_the_staged_early_exit_classifier() -> None:
+    from neokd_losses.inference import EarlyExitClassifier
+    from neokd_losses.models import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    nn.init.normal_(model.block3[-1].weight, std=0.05)  # the last layer starts at zero
+    x = torch.rand(32, 1, 28, 28)
+    with torch.no_grad():
+        logits = torch.stack(model(x))
+    confidence = logits.softmax(-1).amax(-1)
+    for thresholds in ([0.5, 0.5, 0.0], confidence.median(1).values.tolist()):
+        exits, answers = deployed_decision(logits, thresholds)
+        with torch.no_grad():
+            out = EarlyExitClassifier(model, thresholds)(x)
+        assert torch.equal(exits, out.exit_index) and torch.equal(answers, out.prediction)
