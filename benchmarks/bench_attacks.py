@@ -4,23 +4,37 @@ The 3-exit SmallCNN (MNIST, 1×28×28, 836,846 parameters), B = 128, 10 PGD step
 ε = 0.3, α = 20/255 (the paper's MNIST setting), random starts, model in eval mode:
 
 (a) ``MultiExitPGD(mode="single", exit_index=-1)`` vs ``torchattacks.PGD(ExitView(model, -1))``:
-    time ratio, target <= 1.05 (the multi-exit machinery costs nothing).
-(b) max-average, all E candidates batched (``max_batch=None``) vs one candidate at a time
-    (``max_batch=1``, whose backward pass stops at the attacked exit, as E separate
-    single-exit attacks would): time ratio, target <= 1.0 on CPU, and the peak memory of both
-    (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak rise of the resident set
-    size, sampled every 0.5 ms, of a fresh process running that one attack).
-    Also printed: the ratio of their matmul/convolution FLOPs (forward and backward,
-    counted with the formulas of ``torch.utils.flop_counter``), the arithmetic each
-    path does whatever the hardware, and the time ratio at the small batch sizes of
-    ``--small-batches``, where per-operator overhead rather than arithmetic dominates.
+    time ratio, target <= 1.05 (the multi-exit machinery costs nothing); also the
+    functional core ``multi_exit_pgd`` vs the ``MultiExitPGD`` adapter over it (the
+    adapter adds no per-step work: about 1.0).
+(b) max-average on the *staged* SmallCNN (issue 14), all E candidates batched *and*
+    truncated (at stage s only the rows of candidates i >= s continue) vs one candidate
+    at a time (``max_batch=1``, truncated too): the median of ``--repeats`` alternating
+    runs, target <= 1.05; both paths' matmul/convolution FLOPs (forward and backward,
+    counted with the formulas of ``torch.utils.flop_counter``), which are equal, beside
+    those of the generic (untruncated) batched path; the peak memory of both (CUDA:
+    ``torch.cuda.max_memory_allocated``; CPU: the peak rise of the resident set size,
+    sampled every 0.5 ms, of a fresh process running that one attack); and the time
+    ratio at the small batch sizes of ``--small-batches``.
 (c) ``mode="average"`` vs a naive PGD loop that sums the per-exit cross-entropies in
     Python: time ratio, target <= 1.05.
 
-Times are the fastest of ``--repeats`` runs after a warm-up, the attacks taking turns.
+The 7-exit MSDNet for CIFAR-100 (3×32×32, 3,067,960 parameters), B = ``--msd-batch`` (32),
+ε = 8/255, α = 2/255, 7 steps (NEO-KD's training attack):
+
+(d) max-average with truncation (the staged model) vs the generic path (the same
+    network behind a plain ``forward``, which runs every stage on every row): median
+    time ratio, target <= 0.75, with the FLOP ratio beside it.
+(e) one NEO-KD training step (the max-average attack in eval mode, then clean and
+    adversarial forwards in training mode, ``NEOKDLoss`` and the backward pass): time
+    with the generic attack and with the truncated one.
+
+SmallCNN and MSDNet implement the staged-model protocol (``neokd_losses.models.staged``);
+``Unstaged`` hides it to time the generic path. Times are the fastest (or the median,
+where said) of ``--repeats`` runs after a warm-up, the attacks taking turns.
 
     python benchmarks/bench_attacks.py [--device cuda] [--repeats 5] [--batch 128]
-        [--small-batches 1,4,16]
+        [--small-batches 1,4,16] [--msd-batch 32] [--sections abcde]
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -42,72 +57,51 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from neokd_losses import NEOKDLoss
 from neokd_losses.attacks import ExitView, MultiExitPGD
+from neokd_losses.functional import multi_exit_pgd
+from neokd_losses.models.msdnet import msdnet_cifar100
+from neokd_losses.models.small_cnn import SmallCNN
+from neokd_losses.models.staged import require_staged
 
 EPS, ALPHA, STEPS = 0.3, 20 / 255, 10
+MSD_EPS, MSD_ALPHA, MSD_STEPS = 8 / 255, 2 / 255, 7
+
+
+# --------------------------------------------------------------------------- models
 
 
 def make_model(device: torch.device) -> nn.Module:
-    """The library's SmallCNN (or a CNN of its layout before the models issue landed).
+    """The library's SmallCNN, with every exit attackable.
 
     SmallCNN's last layer starts at zero (the paper's init), which makes every input
     gradient of exit 3 exactly zero; it is re-drawn here so every exit is attackable.
     """
-    try:
-        from neokd_losses.models.small_cnn import SmallCNN
-    except ImportError:  # pragma: no cover - only before the models issue landed
-        model: nn.Module = _FallbackSmallCNN()
-    else:
-        model = SmallCNN()
+    model = SmallCNN()
     for layer in model.modules():
         if isinstance(layer, nn.Linear) and not bool(layer.weight.any()):
             layer.reset_parameters()
     return model.to(device).eval()
 
 
-class _FallbackSmallCNN(nn.Module):
-    """docs/paper.md's SmallCNN layout (3 exits, 1×28×28 inputs)."""
+def as_staged(model: nn.Module) -> nn.Module:
+    """``model``, checked to implement the staged-model protocol (SmallCNN, MSDNet do)."""
+    return require_staged(model, "the truncated attacks of this benchmark")  # type: ignore[return-value]
 
-    def __init__(self, num_classes: int = 10) -> None:
+
+class Unstaged(nn.Module):
+    """The same network behind a plain ``forward``: the attacks' generic path."""
+
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.conv1 = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU())
-        self.conv23 = nn.Sequential(
-            nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU()
-        )
-        self.rest = nn.Sequential(
-            nn.Conv2d(64, 64, 3),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(1024, 200),
-            nn.ReLU(),
-            nn.Dropout(0.5),
-            nn.Linear(200, 200),
-            nn.ReLU(),
-            nn.Linear(200, num_classes),
-        )
-        self.exit1 = nn.Sequential(
-            nn.Conv2d(32, 16, 3, stride=2),
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(576, 200),
-            nn.Dropout(0.5),
-            nn.Linear(200, 200),
-            nn.Linear(200, num_classes),
-        )
-        self.exit2 = nn.Sequential(
-            nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(1600, 200),
-            nn.Dropout(0.5),
-            nn.Linear(200, 200),
-            nn.Linear(200, num_classes),
-        )
+        self.model = model
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        h1 = self.conv1(x)
-        h2 = self.conv23(h1)
-        return [self.exit1(h1), self.exit2(h2), self.rest(h2)]
+        out: list[Tensor] = self.model(x)
+        return out
+
+
+# --------------------------------------------------------------------------- attacks
 
 
 def naive_average_pgd(model: nn.Module, images: Tensor, labels: Tensor, steps: int) -> Tensor:
@@ -124,33 +118,38 @@ def naive_average_pgd(model: nn.Module, images: Tensor, labels: Tensor, steps: i
 
 
 def attacks(model: nn.Module, steps: int) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
-    kw = {"eps": EPS, "alpha": ALPHA, "steps": steps}
+    """The attacks of (a)-(c); the max-average pair runs on the staged model."""
+    kw: dict[str, Any] = {"eps": EPS, "alpha": ALPHA, "steps": steps}
+    staged = as_staged(model)
     return {
         "single": MultiExitPGD(model, mode="single", exit_index=-1, **kw),
         "stock_pgd": torchattacks.PGD(ExitView(model, -1), **kw),
-        "max_average_batched": MultiExitPGD(model, mode="max-average", **kw),
-        "max_average_one_at_a_time": MultiExitPGD(model, mode="max-average", max_batch=1, **kw),
+        "functional_single": lambda x, y: multi_exit_pgd(
+            model, x, y, mode="single", exit_index=-1, **kw
+        ),
+        "max_average_batched": MultiExitPGD(staged, mode="max-average", **kw),
+        "max_average_one_at_a_time": MultiExitPGD(staged, mode="max-average", max_batch=1, **kw),
         "average": MultiExitPGD(model, mode="average", **kw),
         "naive_average": lambda x, y: naive_average_pgd(model, x, y, steps),
     }
 
 
-def data(batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def data(batch: int, device: torch.device, shape: tuple[int, ...] = (1, 28, 28), k: int = 10):
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(batch, 1, 28, 28, generator=g).to(device)
-    labels = torch.randint(0, 10, (batch,), generator=g).to(device)
+    images = torch.rand(batch, *shape, generator=g).to(device)
+    labels = torch.randint(0, k, (batch,), generator=g).to(device)
     return images, labels
 
 
 def timed_all(
     fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
-) -> dict[str, float]:
-    """The fastest of ``repeats`` calls of each function, in seconds.
+) -> dict[str, list[float]]:
+    """Every time of ``repeats`` calls of each function, in seconds.
 
     The functions run round-robin (a, b, c, a, b, c, ...) so that a slow spell of a shared
-    machine hits all of them alike; the minimum is the least noisy statistic.
+    machine hits all of them alike.
     """
-    best = dict.fromkeys(fns, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             if device.type == "cuda":
@@ -159,8 +158,13 @@ def timed_all(
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], top: str, bottom: str) -> float:
+    """The median over the alternating runs of the per-run time ratio top / bottom."""
+    return statistics.median(a / b for a, b in zip(times[top], times[bottom], strict=True))
 
 
 class _FlopCount(TorchDispatchMode):
@@ -199,7 +203,7 @@ def count_flops(fn: Callable[[], object]) -> int:
 def small_batch_ratios(
     model: nn.Module, sizes: list[int], repeats: int, device: torch.device
 ) -> dict[int, float]:
-    """Time ratio batched / one candidate at a time of max-average at each batch size."""
+    """Median time ratio batched / one candidate at a time of staged max-average per B."""
     ratios = {}
     for size in sizes:
         images, labels = data(size, device)
@@ -212,7 +216,7 @@ def small_batch_ratios(
             repeats,
             device,
         )
-        ratios[size] = times["max_average_batched"] / times["max_average_one_at_a_time"]
+        ratios[size] = median_ratio(times, "max_average_batched", "max_average_one_at_a_time")
     return ratios
 
 
@@ -271,6 +275,68 @@ def memory_child(name: str, batch: int) -> None:
     print(json.dumps({"peak_mib": (max(peak[0], _rss_bytes()) - before) / 2**20}))
 
 
+# --------------------------------------------------------------------------- MSDNet
+
+
+def msdnet_section(batch: int, repeats: int, device: torch.device) -> None:
+    """(d) truncated vs generic max-average, (e) one NEO-KD training step, on MSDNet-7."""
+    torch.manual_seed(0)
+    net = msdnet_cifar100().to(device)
+    staged, generic = as_staged(net), Unstaged(net)
+    images, labels = data(batch, device, (3, 32, 32), 100)
+    kw: dict[str, Any] = {"eps": MSD_EPS, "alpha": MSD_ALPHA, "steps": MSD_STEPS}
+    atks = {
+        "truncated": MultiExitPGD(staged, **kw),
+        "generic": MultiExitPGD(generic, **kw),
+    }
+    net.eval()
+    for model in (staged, generic):  # warm-up
+        MultiExitPGD(model, eps=MSD_EPS, alpha=MSD_ALPHA, steps=1)(images[:2], labels[:2])
+    times = timed_all(
+        {name: (lambda atk=atk: atk(images, labels)) for name, atk in atks.items()},
+        repeats,
+        device,
+    )
+    flops = {name: count_flops(lambda atk=atk: atk(images, labels)) for name, atk in atks.items()}
+    params = sum(p.numel() for p in net.parameters())
+    print(
+        f"msdnet_cifar100 ({params:,} parameters, 7 exits), B = {batch}, {MSD_STEPS} steps, "
+        f"max-average; median of {repeats} alternating runs"
+    )
+    for name in atks:
+        print(
+            f"  {name:<28s} {statistics.median(times[name]) * 1000:9.1f} ms  "
+            f"{flops[name] / 1e9:8.1f} GFLOPs"
+        )
+    print(
+        f"(d) max-average truncated / generic: {median_ratio(times, 'truncated', 'generic'):.3f}"
+        f"  (target <= 0.75); FLOP ratio {flops['truncated'] / flops['generic']:.3f}"
+    )
+
+    criterion = NEOKDLoss()
+
+    def train_step(atk: MultiExitPGD) -> None:
+        net.train()
+        adv = atk(images, labels)  # the attack runs the model in eval mode
+        loss = criterion(net(adv), net(images), labels)
+        loss.backward()
+        net.zero_grad(set_to_none=True)
+
+    steps = timed_all(
+        {name: (lambda atk=atk: train_step(atk)) for name, atk in atks.items()}, repeats, device
+    )
+    net.eval()
+    print(
+        f"(e) one NEO-KD training step (attack + loss + backward): generic "
+        f"{statistics.median(steps['generic']) * 1000:.1f} ms, truncated "
+        f"{statistics.median(steps['truncated']) * 1000:.1f} ms "
+        f"(ratio {median_ratio(steps, 'truncated', 'generic'):.3f})"
+    )
+
+
+# --------------------------------------------------------------------------- main
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -281,12 +347,25 @@ def main() -> None:
         default="1,4,16",
         help="comma-separated batch sizes for the small-batch (b) ratios ('' for none)",
     )
+    parser.add_argument("--msd-batch", type=int, default=32, help="B of (d) and (e); 0 skips")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--sections", default="abcde", help="'abc' (SmallCNN), 'de' (MSDNet) or both"
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child is not None:
         memory_child(args.memory_child, args.batch)
         return
     device = torch.device(args.device)
+    if "a" in args.sections:
+        smallcnn_section(args, device)
+    if "d" in args.sections and args.msd_batch:
+        msdnet_section(args.msd_batch, args.repeats, device)
+
+
+def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
+    """(a), (b) and (c) on SmallCNN."""
     torch.manual_seed(0)
     model = make_model(device)
     images, labels = data(args.batch, device)
@@ -299,39 +378,49 @@ def main() -> None:
         args.repeats,
         device,
     )
+    best = {name: min(values) for name, values in times.items()}
 
     params = sum(p.numel() for p in model.parameters())
     print(
         f"{type(model).__name__} ({params:,} parameters), B = {args.batch}, {STEPS} steps, "
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"fastest of {args.repeats} runs"
+        f"fastest (median for b) of {args.repeats} runs"
     )
-    for name, seconds in times.items():
+    for name, seconds in best.items():
         print(f"  {name:<28s} {seconds * 1000:9.1f} ms")
-    ratio_a = times["single"] / times["stock_pgd"]
-    ratio_b = times["max_average_batched"] / times["max_average_one_at_a_time"]
-    ratio_c = times["average"] / times["naive_average"]
-    mem_batched = peak_memory_mib("max_average_batched", args.batch, device)
-    mem_single = peak_memory_mib("max_average_one_at_a_time", args.batch, device)
+    ratio_a = best["single"] / best["stock_pgd"]
+    ratio_core = best["functional_single"] / best["single"]
+    ratio_b = median_ratio(times, "max_average_batched", "max_average_one_at_a_time")
+    ratio_c = best["average"] / best["naive_average"]
+    generic_batched = MultiExitPGD(Unstaged(model), eps=EPS, alpha=ALPHA, steps=STEPS)
     flops = {
-        name: count_flops(lambda name=name: atks[name](images, labels))
-        for name in ("max_average_batched", "max_average_one_at_a_time")
+        name: count_flops(lambda fn=fn: fn(images, labels))
+        for name, fn in (
+            ("max_average_batched", atks["max_average_batched"]),
+            ("max_average_one_at_a_time", atks["max_average_one_at_a_time"]),
+            ("generic_batched", generic_batched),
+        )
     }
     sizes = [int(v) for v in args.small_batches.split(",") if v.strip()]
     small = small_batch_ratios(model, sizes, args.repeats, device)
     print(f"(a) single(exit -1) / torchattacks.PGD(ExitView):  {ratio_a:.3f}  (target <= 1.05)")
+    print(f"    functional multi_exit_pgd / MultiExitPGD:      {ratio_core:.3f}  (about 1)")
     print(
-        f"(b) max-average batched / one candidate at a time: {ratio_b:.3f}  (target <= 1.0 on CPU)"
+        f"(b) staged max-average, batched and truncated / one candidate at a time: "
+        f"{ratio_b:.3f}  (median, target <= 1.05)"
     )
-    print(
-        f"    peak memory: batched {mem_batched:.1f} MiB, one at a time {mem_single:.1f} MiB "
-        f"(ratio {mem_batched / max(mem_single, 1e-9):.2f})"
-    )
+    if not args.no_memory:
+        mem_batched = peak_memory_mib("max_average_batched", args.batch, device)
+        mem_single = peak_memory_mib("max_average_one_at_a_time", args.batch, device)
+        print(
+            f"    peak memory: batched {mem_batched:.1f} MiB, one at a time "
+            f"{mem_single:.1f} MiB (ratio {mem_batched / max(mem_single, 1e-9):.2f})"
+        )
     print(
         f"    matmul/conv FLOPs: batched {flops['max_average_batched'] / 1e9:.1f} G, one at a "
         f"time {flops['max_average_one_at_a_time'] / 1e9:.1f} G (ratio "
-        f"{flops['max_average_batched'] / flops['max_average_one_at_a_time']:.3f}: batched "
-        "rows back-propagate through every layer, a lone candidate only to its exit)"
+        f"{flops['max_average_batched'] / flops['max_average_one_at_a_time']:.3f}); generic "
+        f"batched (untruncated) {flops['generic_batched'] / 1e9:.1f} G"
     )
     for size, ratio in small.items():
         print(f"    time ratio at B = {size}: {ratio:.3f}")

@@ -19,7 +19,7 @@ Example:
     >>> loss.backward()
 """
 
-from .attacks import ExitView, MultiExitPGD
+from .attacks import ExitPolicyAttack, ExitView, MultiExitAPGD, MultiExitPGD, SlowdownAttack
 from .distill import (
     ActivationBoundaryLoss,
     BoundarySupportingAttack,
@@ -47,14 +47,17 @@ __all__ = [
     "BSSDistillationLoss",
     "BoundarySupportingAttack",
     "EarlyExitClassifier",
+    "ExitPolicyAttack",
     "ExitView",
     "ExitwiseOrthogonalKD",
     "LWLoss",
+    "MultiExitAPGD",
     "MultiExitPGD",
     "NEOKDLoss",
     "NEOKDTerms",
     "NeighborKD",
     "SKDLoss",
+    "SlowdownAttack",
     "TripleWinsLoss",
     "__version__",
     "ab_connector",

@@ -1,4 +1,4 @@
-"""Functional forms of the losses: pure functions of logits (or features), no state.
+"""Functional forms of the losses (pure functions of logits or features) and of the attacks.
 
 Example:
     >>> import torch
@@ -9,6 +9,7 @@ Example:
     torch.Size([])
 """
 
+from .attacks._pgd_core import multi_exit_pgd
 from .distill.activation_boundary import activation_boundary_loss
 from .distill.bss import bss_kd_loss, bss_weight_schedule
 from .losses.baselines import ard_loss, skd_loss, triple_wins_loss
@@ -25,6 +26,7 @@ __all__ = [
     "exit_classifiers",
     "exitwise_orthogonal_kd",
     "lw_loss",
+    "multi_exit_pgd",
     "neighbor_kd",
     "neighbor_weights",
     "neokd_loss",

@@ -35,10 +35,18 @@ from neokd_losses.evaluation.plots import (
     plot_exit_accuracies,
     plot_transferability,
 )
+from neokd_losses.evaluation.robust import (
+    DeployedResult,
+    RobustResult,
+    deployed_evaluation,
+    robust_accuracy,
+    strong_evaluation,
+)
 from neokd_losses.evaluation.sanity import (
     GradientMaskingWarning,
     SanityCheck,
     SanityReport,
+    exit_sanity_checks,
     sanity_checks,
 )
 from neokd_losses.evaluation.transfer import (
@@ -51,7 +59,9 @@ from neokd_losses.evaluation.transfer import (
 __all__ = [
     "AnytimeResult",
     "BudgetCurve",
+    "DeployedResult",
     "GradientMaskingWarning",
+    "RobustResult",
     "SanityCheck",
     "SanityReport",
     "TransferCount",
@@ -62,14 +72,18 @@ __all__ = [
     "budgeted_accuracy",
     "budgeted_evaluation",
     "collect_logits",
+    "deployed_evaluation",
     "exit_assignment",
     "exit_costs",
     "exit_proportions",
+    "exit_sanity_checks",
     "fit_thresholds",
     "off_diagonal_mean",
     "plot_budget_curves",
     "plot_exit_accuracies",
     "plot_transferability",
+    "robust_accuracy",
     "sanity_checks",
+    "strong_evaluation",
     "transferability_matrix",
 ]

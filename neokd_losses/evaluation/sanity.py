@@ -18,6 +18,10 @@ evaluation must not show; :func:`sanity_checks` tests four of them with
 Accuracies are the mean over exits of the per-exit accuracy (the paper's anytime
 summary), fractions in [0, 1]. A failed check raises a :class:`GradientMaskingWarning`;
 it does not prove masking but means the reported robustness should not be trusted yet.
+
+:func:`exit_sanity_checks` runs the step, large-ε and transfer checks on every exit and on
+the deployed early-exit classifier (given its thresholds), each accuracy being that of one
+exit or of the deployed answer.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +39,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from neokd_losses._exits import stack_exits
-from neokd_losses._validation import check_real
+from neokd_losses._validation import check_int, check_real
 from neokd_losses.attacks.pgd import AttackMode, MultiExitPGD, ThreatModel
+from neokd_losses.attacks.policy import ExitPolicyAttack, check_thresholds, deployed_decision
 from neokd_losses.evaluation._loader import (
     Loader,
     check_model,
@@ -44,10 +49,17 @@ from neokd_losses.evaluation._loader import (
     eval_mode,
     iterate_batches,
     resolve_device,
+    run_attack,
 )
 from neokd_losses.evaluation._loader import progress as progress_bar
 
-__all__ = ["GradientMaskingWarning", "SanityCheck", "SanityReport", "sanity_checks"]
+__all__ = [
+    "GradientMaskingWarning",
+    "SanityCheck",
+    "SanityReport",
+    "exit_sanity_checks",
+    "sanity_checks",
+]
 
 _ZERO_GRADIENT = 1e-10  # a sample whose largest |input gradient| is below this has none
 
@@ -381,6 +393,238 @@ def sanity_checks(
             f"robustness sanity checks failed ({failed}). The robust accuracy may be "
             "overestimated by gradient masking; see Carlini et al. 2019 "
             "(arXiv:1902.06705) and help(neokd_losses.evaluation.sanity_checks).",
+            GradientMaskingWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def _target_correct(logits: Tensor, labels: Tensor, target: int | None, thresholds: Any) -> Tensor:
+    """Correct predictions (B,) of exit ``target``, or of the deployed classifier (None)."""
+    if target is None:
+        _, answer = deployed_decision(logits, thresholds)
+        return answer == labels
+    return logits[target].argmax(-1) == labels
+
+
+def exit_sanity_checks(
+    model: nn.Module,
+    loader: Loader,
+    *,
+    eps: float,
+    thresholds: Sequence[float] | Tensor | None = None,
+    norm: ThreatModel = "Linf",
+    steps: tuple[int, int] = (10, 50),
+    restarts: int = 2,
+    surrogate: nn.Module | None = None,
+    large_eps: float | None = None,
+    step_factor: float = 2.5,
+    tolerance: float = 0.02,
+    max_accuracy_at_large_eps: float = 0.05,
+    max_batches: int | None = 4,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    warn: bool = True,
+) -> SanityReport:
+    """The gradient-masking checks on every exit and on the deployed classifier.
+
+    For each target (exit 1..E, and the deployed early-exit classifier when
+    ``thresholds`` are given) three checks run, named ``"<target>: <check>"``:
+
+    - ``more_steps_not_weaker``: ``steps[1]`` steps with ``restarts`` random restarts
+      (a sample counts as correct only if it survives every restart) leave at most
+      ``tolerance`` more accuracy than ``steps[0]`` steps with one start;
+    - ``large_eps_breaks_model``: at ``large_eps`` (default: 1 for L∞, √D for L2) the
+      accuracy is at most ``max_accuracy_at_large_eps``;
+    - ``transfer_weaker_than_white_box``: examples crafted on another model (black box)
+      leave at least the white-box accuracy minus ``tolerance``. The source is
+      ``surrogate`` (attacked at the same exit; max-average for the deployed target)
+      when given; otherwise the same model's next exit (exit i+1, the last exit uses
+      exit 1) for an exit, and its first exit alone for the deployed classifier. Skipped
+      for a one-exit model without surrogate.
+
+    The white-box attack of exit i is single-exit :class:`MultiExitPGD` on exit i; for
+    the deployed classifier a sample must survive both
+    :class:`~neokd_losses.attacks.ExitPolicyAttack` and max-average PGD; all with
+    α = ``step_factor`` · ε / steps and seeded random starts.
+
+    Args:
+        model: multi-exit model returning E logits (B, K).
+        loader: ``(images, labels, ...)`` batches in [0, 1].
+        eps: the ε of the evaluation being checked.
+        thresholds: the deployed classifier's thresholds (E,), or None.
+        norm: ``"Linf"`` or ``"L2"``.
+        steps: (few, many) steps.
+        restarts: random restarts of the many-step attack, ≥ 1.
+        surrogate: a model of the same output format to craft transfer examples on.
+        large_eps, step_factor, tolerance, max_accuracy_at_large_eps, max_batches, seed,
+            device, progress, warn: as :func:`sanity_checks`.
+
+    Returns:
+        A :class:`SanityReport`.
+
+    Raises:
+        TypeError, ValueError: for wrong arguments, thresholds that do not match the
+            model's exits, or an empty loader.
+
+    Shape:
+        - batches: images (B, ...) in [0, 1] and labels (B,); thresholds: (E,).
+
+    Example:
+        >>> model = TwoExits(in_features=4, num_classes=3)
+        >>> data = [(torch.rand(16, 4), torch.randint(3, (16,)))]
+        >>> report = exit_sanity_checks(model, data, eps=0.1, thresholds=[0.5, 0.0],
+        ...                             steps=(2, 4), progress=False, warn=False)
+        >>> [c.name for c in report.checks][:3]  # doctest: +NORMALIZE_WHITESPACE
+        ['exit 1: more_steps_not_weaker', 'exit 1: large_eps_breaks_model',
+         'exit 1: transfer_weaker_than_white_box']
+    """
+    check_model(model)
+    eps = _positive(eps, "eps")
+    step_factor = _positive(step_factor, "step_factor")
+    restarts = check_int(restarts, "restarts", low=1)
+    if (
+        len(steps) != 2
+        or any(isinstance(s, bool) or not isinstance(s, int) for s in steps)
+        or not 0 < steps[0] <= steps[1]
+    ):
+        raise ValueError(f"`steps` must be two ints 0 < few <= many, got {steps!r}.")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"`tolerance` must lie in [0, 1), got {tolerance!r}.")
+    if max_batches is not None:
+        check_int(max_batches, "max_batches", low=1)
+    target_device = resolve_device(model, device)
+    batches = list(
+        itertools.islice(
+            iterate_batches(loader, target_device, enabled=False, desc=""), max_batches
+        )
+    )
+    batches = [b for b in batches if b[1].shape[0] > 0]
+    if not batches:
+        raise ValueError("`loader` yielded no samples; pass a loader with at least one batch.")
+    with torch.no_grad():
+        num_exits = stack_exits(model(batches[0][0][:1]), name="model(images)").shape[0]
+    t = None if thresholds is None else check_thresholds(thresholds, num_exits).tolist()
+    if large_eps is None:
+        large_eps = 1.0 if norm == "Linf" else math.sqrt(batches[0][0][0].numel())
+    large_eps = _positive(large_eps, "large_eps")
+    few, many = steps
+
+    def attack_on(
+        network: nn.Module, target: int | None, run_eps: float, run_steps: int, mode: str
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        gen = torch.Generator(device=target_device)
+        alpha = step_factor * run_eps / run_steps
+        if target is None and mode == "policy":
+            assert t is not None
+            atk: Callable[[Tensor, Tensor], Tensor] = ExitPolicyAttack(
+                network, t, eps=run_eps, alpha=alpha, steps=run_steps, norm=norm, generator=gen
+            )
+        elif target is None:
+            atk = MultiExitPGD(
+                network, eps=run_eps, alpha=alpha, steps=run_steps, norm=norm, generator=gen
+            )
+        else:
+            atk = MultiExitPGD(
+                network,
+                eps=run_eps,
+                alpha=alpha,
+                steps=run_steps,
+                mode="single",
+                exit_index=target,
+                norm=norm,
+                generator=gen,
+            )
+        atk.seed_generator = gen  # type: ignore[attr-defined]
+        return atk
+
+    def accuracy(
+        target: int | None,
+        source: tuple[nn.Module, int | None, tuple[str, ...]],
+        run_eps: float,
+        run_steps: int,
+        runs: int,
+    ) -> float:
+        """Accuracy of ``target`` surviving every attack ``attack_on(network, attacked, m)``
+        for m in the modes of ``source``, ``runs`` random starts each."""
+        network, attacked, modes = source
+        correct, total = 0, 0
+        for b, (images, labels) in enumerate(batches):
+            alive = torch.ones_like(labels, dtype=torch.bool)
+            for r, mode in itertools.product(range(runs), modes):
+                atk = attack_on(network, attacked, run_eps, run_steps, mode)
+                atk.seed_generator.manual_seed(seed * 7919 + b * 131 + r)  # type: ignore[attr-defined]
+                adv = run_attack(atk, images, labels)
+                logits = stack_exits(model(adv), name="model(images)")
+                alive &= _target_correct(logits.detach(), labels, target, t)
+            correct += int(alive.sum())
+            total += labels.shape[0]
+        return correct / total
+
+    targets: list[int | None] = list(range(num_exits)) + ([None] if t is not None else [])
+    checks: list[SanityCheck] = []
+    with eval_mode(model):
+        for target in progress_bar(targets, progress, "exit sanity checks"):
+            label = "deployed" if target is None else f"exit {target + 1}"
+            mode = ("policy", "pgd") if target is None else ("single",)
+            acc_few = accuracy(target, (model, target, mode), eps, few, 1)
+            acc_many = accuracy(target, (model, target, mode), eps, many, restarts)
+            ok = acc_many <= acc_few + tolerance
+            checks.append(
+                SanityCheck(
+                    f"{label}: more_steps_not_weaker",
+                    ok,
+                    f"{many} steps × {restarts} restarts: {100 * acc_many:.2f} %, {few} steps: "
+                    f"{100 * acc_few:.2f} %"
+                    + ("" if ok else "; the stronger attack is weaker: masked gradients?"),
+                    {"steps": [few, many], "restarts": restarts, "accuracy": [acc_few, acc_many]},
+                )
+            )
+            acc_large = accuracy(target, (model, target, mode), large_eps, many, 1)
+            ok = acc_large <= max_accuracy_at_large_eps
+            checks.append(
+                SanityCheck(
+                    f"{label}: large_eps_breaks_model",
+                    ok,
+                    f"accuracy {100 * acc_large:.2f} % at eps = {large_eps:.4g}"
+                    + ("" if ok else "; an unbounded attack should reach about 0 %"),
+                    {"eps": large_eps, "accuracy": acc_large},
+                )
+            )
+            if surrogate is not None:
+                source_model, source, source_mode = surrogate, target, ("pgd",)
+            elif target is None:
+                source_model, source, source_mode = model, 0, ("single",)
+            elif num_exits > 1:
+                source_model, source, source_mode = model, (target + 1) % num_exits, ("single",)
+            else:
+                continue
+            acc_transfer = accuracy(target, (source_model, source, source_mode), eps, many, 1)
+            white = min(acc_few, acc_many)
+            ok = acc_transfer >= white - tolerance
+            where = "surrogate" if surrogate is not None else f"exit {(source or 0) + 1}"
+            checks.append(
+                SanityCheck(
+                    f"{label}: transfer_weaker_than_white_box",
+                    ok,
+                    f"transfer from {where}: {100 * acc_transfer:.2f} %, white box: "
+                    f"{100 * white:.2f} %"
+                    + (
+                        ""
+                        if ok
+                        else "; a black-box attack beats the white-box one: the "
+                        "gradients of the model are not useful to its own attack"
+                    ),
+                    {"transfer": acc_transfer, "white_box": white},
+                )
+            )
+    report = SanityReport(tuple(checks))
+    if warn and not report.passed:
+        failed = "; ".join(f"{c.name}: {c.message}" for c in report.failures)
+        warnings.warn(
+            f"exit-wise robustness sanity checks failed ({failed}). The robust accuracy "
+            "may be overestimated by gradient masking.",
             GradientMaskingWarning,
             stacklevel=2,
         )

@@ -68,7 +68,7 @@ def test_model_must_be_a_module():
     [
         (torch.full((2, 16), 1.5), r"must lie in \[0, 1\], got values in \[1\.5, 1\.5\]"),
         (torch.full((2, 16), -0.25), r"must lie in \[0, 1\], got values in \[-0\.25, -0\.25\]"),
-        (torch.full((2, 16), float("nan")), r"must lie in \[0, 1\], got values in \[nan, nan\]"),
+        (torch.full((2, 16), float("nan")), r"`images` contain NaN \(32 of 32 values\)"),
         (torch.rand(16), r"at least 2 dimensions, got shape \(16,\)"),
     ],
 )
@@ -195,3 +195,82 @@ def test_normalised_images_out_of_range():
         ValueError, match=r"lie in \[0, 1\] once un-normalised; got values in \[1\.5, 1\.5\]"
     ):
         atk(torch.full((2, 16, 1, 1), 4.0), torch.zeros(2, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- what a new user trips over
+
+
+@pytest.mark.parametrize("mode", ["single", "average", "max-average"])
+@pytest.mark.parametrize("steps", [0, 2])
+def test_negative_labels_name_the_real_number_of_classes(model, mode, steps):
+    kwargs = {"exit_index": 0} if mode == "single" else {}
+    with pytest.raises(
+        ValueError,
+        match=r"`labels` must lie in \[0, 5\) for K = 5 classes, got values in \[-1, 0\]",
+    ):
+        MultiExitPGD(model, steps=steps, mode=mode, **kwargs)(
+            torch.rand(2, 16), torch.tensor([-1, 0])
+        )
+
+
+def test_negative_labels_in_targeted_mode(model):
+    atk = MultiExitPGD(model, steps=1)
+    atk.set_mode_targeted_least_likely(quiet=True)
+    with pytest.raises(ValueError, match=r"class indices in \[0, K\), got values in \[-3, 0\]"):
+        atk(torch.rand(2, 16), torch.tensor([-3, 0]))
+
+
+@pytest.mark.parametrize("eps", [8, 2.0, 16])
+def test_linf_eps_above_one_warns_a_forgotten_division(model, eps):
+    with pytest.warns(UserWarning, match=rf"eps={eps!r} / 255 = .*forgotten|forgotten `/ 255`"):
+        MultiExitPGD(model, eps=eps)
+
+
+@pytest.mark.parametrize(("eps", "norm"), [(1.0, "Linf"), (8 / 255, "Linf"), (3.0, "L2")])
+def test_plausible_eps_does_not_warn(model, eps, norm, recwarn):
+    MultiExitPGD(model, eps=eps, norm=norm)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_images_without_channel_dimension_for_an_image_model():
+    from tests.helpers import TinyMultiExit
+
+    atk = MultiExitPGD(TinyMultiExit().eval(), steps=1)
+    with pytest.raises(
+        ValueError,
+        match=r"TinyMultiExit failed on images of shape \(2, 8, 8\) \(B, H, W\).*`images\.unsqueeze\(1\)`",
+    ):
+        atk(torch.rand(2, 8, 8), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("mode", ["single", "average", "max-average"])
+def test_float64_images_with_a_float32_model_are_cast_for_the_model(model, mode):
+    kwargs = {"exit_index": 1} if mode == "single" else {}
+    x64 = torch.rand(4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 3])
+    atk = MultiExitPGD(
+        model, eps=0.05, alpha=0.02, steps=2, random_start=False, mode=mode, **kwargs
+    )
+    adv = atk(x64, y)
+    assert adv.dtype == torch.float64
+    assert (adv - x64).abs().max() <= 0.05 + 1e-12 and not torch.equal(adv, x64)
+    # The model sees float32 inputs: the same signs of the gradient as a float32 attack.
+    torch.testing.assert_close(adv.float(), atk(x64.float(), y), rtol=0, atol=1e-6)
+
+
+def test_normalization_with_a_channel_count_unlike_the_images():
+    atk = MultiExitPGD(TinyMLPExits(in_features=16, num_classes=5).eval(), steps=1)
+    atk.set_normalization_used(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    with pytest.raises(
+        ValueError,
+        match=r"given 3 means / stds .* must be \(B, 3, H, W\), got shape \(2, 1, 4, 4\)",
+    ):
+        atk(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+
+
+def test_normalization_mean_and_std_of_different_lengths():
+    atk = MultiExitPGD(TinyMLPExits(in_features=16, num_classes=5).eval())
+    with pytest.raises(ValueError, match=r"the same number: got 3 means and 1 stds"):
+        atk.set_normalization_used(mean=[0.5, 0.5, 0.5], std=[0.25])
+    with pytest.raises(ValueError, match=r"`std` must be non-zero, got \[0\.0\]"):
+        atk.set_normalization_used(mean=[0.5], std=[0.0])

@@ -14,6 +14,7 @@ from neokd_losses.evaluation.sanity import (
     GradientMaskingWarning,
     SanityCheck,
     SanityReport,
+    exit_sanity_checks,
     sanity_checks,
 )
 from tests.helpers import TinyMLPExits
@@ -313,3 +314,56 @@ def test_sanity_checks_on_cuda() -> None:
     x, y = blobs(24, seed=5)  # batches on the CPU are moved to the model's device
     report = sanity_checks(model, [(x, y)], eps=0.4, steps=(3, 12), progress=False)
     assert report.passed, report.to_markdown()
+
+
+# ------------------------------------------------------------ exit-wise and deployed checks
+
+
+def test_exit_sanity_checks_pass_on_every_exit_and_the_deployed_model(trained: nn.Module) -> None:
+    x, y = blobs(48, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientMaskingWarning)
+        report = exit_sanity_checks(
+            trained,
+            _batches(x, y),
+            eps=0.4,
+            thresholds=[0.8, 0.8, 0.0],
+            steps=(5, 20),
+            progress=False,
+        )
+    assert report.passed, report.to_markdown()
+    targets = ["exit 1", "exit 2", "exit 3", "deployed"]
+    checks = ["more_steps_not_weaker", "large_eps_breaks_model", "transfer_weaker_than_white_box"]
+    assert [c.name for c in report.checks] == [f"{t}: {c}" for t in targets for c in checks]
+    for t in targets:
+        assert report[f"{t}: large_eps_breaks_model"].values["accuracy"] <= 0.05
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_exit_sanity_checks_flag_masked_models(trained: nn.Module) -> None:
+    x, y = blobs(48, seed=1, noise=0.1)
+    with pytest.warns(GradientMaskingWarning, match="large_eps_breaks_model"):
+        report = exit_sanity_checks(
+            RoundInput(trained),
+            _batches(x, y),
+            eps=0.4,
+            thresholds=[0.8, 0.8, 0.0],
+            steps=(3, 6),
+            surrogate=trained,
+            progress=False,
+        )
+    failed = {c.name for c in report.failures}
+    for t in ("exit 1", "exit 2", "exit 3", "deployed"):
+        assert f"{t}: large_eps_breaks_model" in failed
+        # The unmasked surrogate's examples transfer better than the (stuck) white box.
+        assert f"{t}: transfer_weaker_than_white_box" in failed
+
+
+def test_exit_sanity_checks_bad_input(trained: nn.Module) -> None:
+    x, y = blobs(8, seed=1)
+    with pytest.raises(ValueError, match="one threshold per exit of the model: it has 3 exits"):
+        exit_sanity_checks(trained, _batches(x, y), eps=0.1, thresholds=[0.5, 0.0], progress=False)
+    with pytest.raises(ValueError, match="no samples"):
+        exit_sanity_checks(trained, [], eps=0.1, progress=False)
+    with pytest.raises(ValueError, match="`steps`"):
+        exit_sanity_checks(trained, _batches(x, y), eps=0.1, steps=(5, 2), progress=False)
