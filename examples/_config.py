@@ -45,6 +45,8 @@ MODELS = (
     "msdnet_tinyimagenet",
     "msdnet_imagenet",
 )
+EVAL_SUITES = ("paper", "strong")
+"""eval.suite: the paper's evaluation, or that plus the worst-case / exit-policy / slow-down suite."""
 METHODS = ("adv", "adv-half", "lw", "neokd", "nkd", "eokd", "skd", "ard")
 TRAIN_ATTACKS = ("max-average", "average")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -114,6 +116,7 @@ class EvalConfig:
     budget_points: int = 39
     transfer_cap: int = 0
     plots: bool = True
+    suite: str = "paper"
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,7 @@ def validate(config: Config) -> Config:
     _choice("attack.train_mode", a.train_mode, TRAIN_ATTACKS)
     _choice("run.amp", r.amp, AMP_MODES)
     _choice("run.channels_last", r.channels_last, ("auto", "on", "off"))
+    _choice("eval.suite", config.eval.suite, EVAL_SUITES)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
         raise ConfigError(f"`run.device` must be {DEVICES_HINT}, got {r.device!r}.")
     for key, value in (

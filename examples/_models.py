@@ -66,13 +66,24 @@ class DigitsCNN(nn.Module):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
 
+    num_exits = 3
+
+    def forward_stage(self, index: int, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Stage ``index`` of the staged-model protocol: (next features, exit logits)."""
+        if index == 0:
+            h1 = self.block1(state)
+            return h1, self.head1(h1)
+        if index == 1:
+            h2 = self.block2(state)
+            return h2, self.head2(h2)
+        return state, self.block3(state)
+
     def forward(self, x: Tensor) -> list[Tensor]:
-        # Each exit right after the block it reads, so that exit_costs charges exit 1
-        # only block 1 and its head (same outputs as computing the trunk first).
-        h1 = self.block1(x)
-        z1 = self.head1(h1)
-        h2 = self.block2(h1)
-        return [z1, self.head2(h2), self.block3(h2)]
+        # Built on the stages: each exit right after the block it reads, so exit_costs
+        # charges exit 1 only block 1 and its head, and early exit can stop after it.
+        from neokd_losses.models import run_stages
+
+        return run_stages(self, x)
 
 
 class Normalized(nn.Module):
@@ -87,8 +98,24 @@ class Normalized(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    def _normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
     def forward(self, x: Tensor) -> list[Tensor]:
-        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))  # type: ignore[no-any-return]
+        return self.model(self._normalize(x))  # type: ignore[no-any-return]
+
+
+class NormalizedStaged(Normalized):
+    """``Normalized`` for a staged model: stays staged (normalizes before stage 0)."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(model, mean, std)
+        self.num_exits: int = model.num_exits  # type: ignore[assignment]
+
+    def forward_stage(self, index: int, state: object) -> tuple[object, Tensor]:
+        if index == 0:
+            state = self._normalize(state)  # type: ignore[arg-type]
+        return self.model.forward_stage(index, state)  # type: ignore[no-any-return,operator]
 
 
 def build_model(
@@ -110,5 +137,7 @@ def build_model(
         factory = getattr(models, name)
         model = factory(num_classes=num_classes, in_channels=in_channels)
     if mean is not None and std is not None:
-        model = Normalized(model, mean, std)
+        from neokd_losses.models import is_staged
+
+        model = (NormalizedStaged if is_staged(model) else Normalized)(model, mean, std)
     return model

@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"))
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--workers", type=int)
+    p.add_argument(
+        "--eval-suite",
+        choices=("paper", "strong"),
+        help="'strong' adds worst-case accuracy over an attack suite, budgeted accuracy "
+        "under the exit-policy attack and the slow-down factor to every run and the summary",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
         "--nproc-per-node", type=int, default=1, help=">1 launches each run with torchrun"
@@ -139,6 +145,7 @@ def _train_args(args: argparse.Namespace, method: str, out_dir: Path) -> list[st
         "device",
         "amp",
         "workers",
+        "eval_suite",
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -323,6 +330,45 @@ def comparison_table(setting: str, results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def strong_table(results: dict[str, dict[str, Any]]) -> str:
+    """The strong-suite table (runs evaluated with ``--eval-suite strong``), or ""."""
+    rows = {m: r["strong"]["summary"] for m, r in results.items() if "strong" in r}
+    if not rows:
+        return ""
+    first = next(iter(rows.values()))
+    budgets = first["budgets"]
+    e = len(first["worst_case_accuracy"])
+    header = [
+        "Method",
+        *(f"worst exit {i + 1}" for i in range(e)),
+        "**worst-case mean**",
+        *(f"budget {b:g}: max-avg / exit-policy" for b in budgets),
+        *(f"slow-down @{b:g}" for b in budgets),
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, s in rows.items():
+        cells = [
+            results[method]["method_name"],
+            *(f"{100 * a:.2f}" for a in s["worst_case_accuracy"]),
+            f"**{100 * s['worst_case_mean']:.2f}**",
+            *(
+                f"{100 * m:.2f} / {100 * p:.2f}"
+                for m, p in zip(s["budgeted_max_average"], s["budgeted_exit_policy"])
+            ),
+            *(f"{f:.2f}x" for f in s["slowdown_factor"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    caption = (
+        "\nStrong suite: worst case per sample over max-average, average, single-exit PGD "
+        "and multi-exit APGD-CE / APGD-DLR / APGD-CW (accuracy %, a sample counts only if it "
+        "survives every attack); budgeted (deployed) accuracy % under the paper's "
+        "max-average examples and under the exit-policy attack, thresholds fitted on the "
+        "clean validation split at MSDNet budget indices; slow-down: mean cost per sample "
+        "under the slow-down attack over the clean mean cost.\n"
+    )
+    return "\n".join(lines) + "\n" + caption
+
+
 def _sets_train_mode(items: list[str]) -> bool:
     return any(item.split("=", 1)[0].strip() == "attack.train_mode" for item in items)
 
@@ -372,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 2
     table = comparison_table(args.setting, results)
+    if strong := strong_table(results):
+        table += "\n" + strong
     root.mkdir(parents=True, exist_ok=True)
     (root / f"{summary_name}.md").write_text(table)
     (root / f"{summary_name}.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from _checkpoint import CheckpointError
 from _config import (
+    EVAL_SUITES,
     METHODS,
     Config,
     ConfigError,
@@ -1205,6 +1206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue <out_dir>/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true", help="start afresh over an existing run")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument(
+        "--eval-suite",
+        choices=EVAL_SUITES,
+        help="eval.suite: 'strong' adds the worst case over an attack suite, budgeted "
+        "accuracy under the exit-policy attack and the slow-down factor",
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
 
@@ -1219,6 +1226,7 @@ _FLAG_KEYS = {
     "out_dir": "run.out_dir",
     "train_cap": "data.train_cap",
     "eval_cap": "data.eval_cap",
+    "eval_suite": "eval.suite",
     "workers": "data.num_workers",
     "seed": "run.seed",
     "device": "run.device",
