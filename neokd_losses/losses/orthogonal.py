@@ -68,7 +68,6 @@ def orthogonal_label_mask(
         - output: (E, B, K).
 
     Example:
-        >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> mask = orthogonal_label_mask(torch.tensor([0, 3]), num_exits=3, num_classes=10, generator=g)
         >>> mask.shape, mask.sum(-1).tolist()
@@ -211,7 +210,6 @@ def exitwise_orthogonal_kd(
         - output: () or (E, B).
 
     Example:
-        >>> import torch
         >>> clean = [torch.randn(8, 10) for _ in range(3)]
         >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
         >>> targets = torch.randint(0, 10, (8,))
