@@ -96,7 +96,7 @@ def warn_if_probabilities(**stacked: Tensor) -> None:
     A tensor looks like probabilities when every row is non-negative and sums to 1 (as
     AutoAttack checks its models' outputs). Logits of a real model practically never do;
     log-probabilities (``log_softmax``) do not trigger it and are harmless, since the
-    softmax of log-probabilities is the probabilities again. One device synchronisation
+    softmax of log-probabilities is the probabilities again. One device synchronization
     for all tensors; skipped while ``torch.compile`` traces the caller and for K = 1.
     """
     if is_compiling():

@@ -159,7 +159,6 @@ def triple_wins_loss(
         - output: () or (E, B).
 
     Example:
-        >>> import torch
         >>> clean = [torch.randn(4, 10, requires_grad=True) for _ in range(3)]
         >>> adv = [torch.randn(4, 10, requires_grad=True) for _ in range(3)]
         >>> targets = torch.randint(0, 10, (4,))

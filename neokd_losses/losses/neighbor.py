@@ -121,7 +121,6 @@ def neighbor_kd(
         - output: () or (E, B).
 
     Example:
-        >>> import torch
         >>> clean = [torch.randn(8, 10) for _ in range(3)]
         >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
         >>> loss = neighbor_kd(adv, clean)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple, overload
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._cross_entropy import per_exit_cross_entropy, soft_cross_entropy
@@ -40,7 +41,6 @@ class NEOKDTerms(NamedTuple):
         - every field: () for ``reduction="mean"`` or ``"sum"``, (E, B) for ``"none"``.
 
     Example:
-        >>> import torch
         >>> clean = [torch.randn(4, 10) for _ in range(3)]
         >>> adv = [torch.randn(4, 10) for _ in range(3)]
         >>> targets = torch.randint(0, 10, (4,))
@@ -138,6 +138,9 @@ def neokd_loss(
         reduction: ``"mean"`` (sum over exits, mean over the batch), ``"sum"`` or ``"none"``.
         detach_teacher: stop gradients through the clean side of NKD and EOKD.
         return_terms: return :class:`NEOKDTerms` (total and parts) instead of the total.
+            The total is then exactly the sum of its parts; without it, the adversarial
+            terms are computed as one soft cross-entropy against a mixed target (ℓ is
+            linear in its target; faster), equal up to float rounding.
 
     Returns:
         The loss (a scalar, or (E, B) for ``reduction="none"``), or its terms; float32
@@ -155,7 +158,6 @@ def neokd_loss(
         - output: () or (E, B).
 
     Example:
-        >>> import torch
         >>> clean = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
         >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
         >>> targets = torch.randint(0, 10, (8,))
@@ -176,28 +178,64 @@ def neokd_loss(
     gamma = as_exit_weights(exit_weights, num_exits)
 
     clean_ce = per_exit_cross_entropy(clean, targets)
-    adv_ce = per_exit_cross_entropy(adv, targets)
-    # The two teachers share one log-softmax of the adversarial logits: soft_cross_entropy
-    # broadcasts the stacked (n, E, B, K) teachers against the (E, B, K) student.
-    teachers = []
+    teachers, coefficients = [], []
     if a:
         teachers.append(neighbor_teacher(clean, t, detach_teacher))
+        coefficients.append(a)
     if b:
         mask = resolve_mask(mask, targets, adv.shape, generator).to(adv.device)
         teachers.append(orthogonal_teacher(clean, mask, t, detach_teacher))
+        coefficients.append(b)
+    if not return_terms:
+        return reduce_exits(
+            clean_ce + _adversarial_terms(adv, targets, teachers, coefficients, gamma, t),
+            reduction,
+        )
+    # The terms one by one: the stacked teachers (n, E, B, K) share one log-softmax.
+    adv_ce = per_exit_cross_entropy(adv, targets)
     nkd = eokd = adv.new_zeros(num_exits, batch)
     if teachers:
-        kd = soft_cross_entropy(adv, torch.stack(teachers), t) * t**2
-        if gamma is not None:
-            kd = kd * gamma.to(kd)[:, None]
+        kd = _weigh(soft_cross_entropy(adv, torch.stack(teachers), t) * t**2, gamma)
         nkd = kd[0] if a else nkd
         eokd = kd[-1] if b else eokd
     total = clean_ce + adv_ce + a * nkd + b * eokd
-    if not return_terms:
-        return reduce_exits(total, reduction)
     return NEOKDTerms(
         *(reduce_exits(term, reduction) for term in (total, clean_ce, adv_ce, nkd, eokd))
     )
+
+
+def _adversarial_terms(
+    adv: Tensor,
+    targets: Tensor,
+    teachers: list[Tensor],
+    coefficients: list[float],
+    gamma: Tensor | None,
+    temperature: float,
+) -> Tensor:
+    """CE(f_i(x_adv), y) + γ_i(α NKD + β EOKD), (E, B), with as few passes as possible.
+
+    ℓ is linear in its target, so α·NKD + β·EOKD is one soft cross-entropy against the
+    mixed teacher α·q_NKD + β·q_EOKD; at T = 1 the adversarial cross-entropy joins it,
+    as CE(z, y) = ℓ(z, onehot(y)): one log-softmax of the adversarial logits in all.
+    Equal to the sum of the separate terms up to float rounding.
+    """
+    if not teachers:
+        return per_exit_cross_entropy(adv, targets)
+    mixed = coefficients[0] * teachers[0]
+    for coefficient, teacher in zip(coefficients[1:], teachers[1:], strict=True):
+        mixed = mixed + coefficient * teacher
+    if temperature != 1.0:
+        kd = soft_cross_entropy(adv, mixed, temperature) * temperature**2
+        return per_exit_cross_entropy(adv, targets) + _weigh(kd, gamma)
+    if gamma is not None:
+        mixed = mixed * gamma.to(mixed)[:, None, None]
+    onehot = F.one_hot(targets.long(), adv.shape[-1]).to(mixed)
+    return soft_cross_entropy(adv, mixed + onehot)
+
+
+def _weigh(kd: Tensor, gamma: Tensor | None) -> Tensor:
+    """Distillation terms (..., E, B) times the exit weights γ (E,), if any."""
+    return kd if gamma is None else kd * gamma.to(kd)[:, None]
 
 
 class NEOKDLoss(_MultiExitLoss):

@@ -46,7 +46,7 @@ def orthogonal_label_mask(
     m = ⌊(K-1)/E⌋: exit e keeps the e-th block. Every exit also keeps the target class.
     So each exit keeps exactly m non-target classes, no non-target class is kept by two
     exits of one sample, and the (K-1) mod E classes left over are kept by none. One
-    vectorised draw for the whole batch; no loop over samples.
+    vectorized draw for the whole batch; no loop over samples.
 
     Args:
         targets: class indices (B,), integer dtype, values in [0, K).
@@ -68,7 +68,6 @@ def orthogonal_label_mask(
         - output: (E, B, K).
 
     Example:
-        >>> import torch
         >>> g = torch.Generator().manual_seed(0)
         >>> mask = orthogonal_label_mask(torch.tensor([0, 3]), num_exits=3, num_classes=10, generator=g)
         >>> mask.shape, mask.sum(-1).tolist()
@@ -112,7 +111,7 @@ def _argsort_rows(scores: Tensor) -> Tensor:
 
     On the CPU, torch's row-wise argsort of short rows costs about 4 µs a row, which made
     the mask draw a fifth of the whole NEO-KD loss (benchmarks/bench_losses.py); NumPy's
-    vectorised sort is about 5x faster there. Both sorts give the same permutation unless a
+    vectorized sort is about 5x faster there. Both sorts give the same permutation unless a
     row holds two equal keys; with float32 uniforms that happens to about K²/2²⁵ of the
     rows (0.03 % at K = 100, 3 % at K = 1000), and the two may then order the tied classes
     differently. Either order is a valid draw. CUDA tensors and traced code
@@ -211,7 +210,6 @@ def exitwise_orthogonal_kd(
         - output: () or (E, B).
 
     Example:
-        >>> import torch
         >>> clean = [torch.randn(8, 10) for _ in range(3)]
         >>> adv = [torch.randn(8, 10, requires_grad=True) for _ in range(3)]
         >>> targets = torch.randint(0, 10, (8,))

@@ -201,3 +201,40 @@ def test_negative_coefficient_message() -> None:
     adv, clean, targets, _ = _problem()
     with pytest.raises(ValueError, match=r"`alpha` must be a finite number >= 0, got -1.0"):
         neokd_loss(adv, clean, targets, alpha=-1.0)
+
+
+@pytest.mark.parametrize(
+    ("alpha", "beta", "temperature", "gamma", "detach"),
+    [
+        (3.0, 1.0, 1.0, None, True),
+        (2.0, 0.5, 3.0, [1.0, 1.5, 0.5], True),
+        (0.0, 1.0, 2.0, [1.0, 2.0, 1.0], False),
+        (1.5, 0.0, 1.0, None, False),
+        (2.0, 1.0, 1.0, [1.0, 1.5, 0.5], False),
+    ],
+)
+def test_total_equals_the_sum_of_the_terms_in_value_and_gradient(
+    alpha: float, beta: float, temperature: float, gamma: list[float] | None, detach: bool
+) -> None:
+    # Without return_terms the distillation terms (and, at T = 1, the adversarial
+    # cross-entropy) are one soft cross-entropy against a mixed target; with it, each
+    # term is computed on its own and summed.
+    adv, clean, targets, mask = _problem()
+    leaves = [z.clone().requires_grad_(True) for z in [*adv, *clean]]
+    kwargs = {
+        "alpha": alpha,
+        "beta": beta,
+        "temperature": temperature,
+        "exit_weights": gamma,
+        "mask": mask,
+        "detach_teacher": detach,
+    }
+    fast = neokd_loss(leaves[:3], leaves[3:], targets, **kwargs)
+    terms = neokd_loss(leaves[:3], leaves[3:], targets, **kwargs, return_terms=True)
+    torch.testing.assert_close(fast, terms.total)
+    per = neokd_loss(leaves[:3], leaves[3:], targets, **kwargs, return_terms=True, reduction="none")
+    assert torch.equal(per.total, per.clean_ce + per.adv_ce + alpha * per.nkd + beta * per.eokd)
+    grads_fast = torch.autograd.grad(fast, leaves)
+    grads_terms = torch.autograd.grad(terms.total, leaves)
+    for got, expected in zip(grads_fast, grads_terms, strict=True):
+        torch.testing.assert_close(got, expected)

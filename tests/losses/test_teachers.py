@@ -95,40 +95,22 @@ def _inputs(num_exits=3, batch=4, classes=5):
 
 
 @pytest.mark.parametrize("teacher", TEACHERS)
-@pytest.mark.parametrize(("alpha", "temperature"), [(1.0, 1.0), (0.7, 3.0)])
-def test_skd_matches_naive(teacher, alpha: float, temperature: float) -> None:
+@pytest.mark.parametrize(
+    ("loss_fn", "reference", "alpha", "temperature"),
+    [
+        (skd_loss, ref_skd, 1.0, 1.0),
+        (skd_loss, ref_skd, 0.7, 3.0),
+        (ard_loss, ref_ard, 0.5, 1.0),
+        (ard_loss, ref_ard, 0.9, 4.0),
+        (ard_loss, ref_ard, 1.0, 2.0),
+    ],
+)
+def test_matches_naive(teacher, loss_fn, reference, alpha: float, temperature: float) -> None:
     adv, clean, y = _inputs()
     gamma = [1.0, 0.5, 2.0]
-    got = skd_loss(
-        adv,
-        clean,
-        y,
-        alpha=alpha,
-        temperature=temperature,
-        teacher=teacher,
-        exit_weights=gamma,
-        reduction="none",
-    )
-    expected = ref_skd(adv, clean, y, teacher, alpha, temperature, gamma)
-    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
-
-
-@pytest.mark.parametrize("teacher", TEACHERS)
-@pytest.mark.parametrize(("alpha", "temperature"), [(0.5, 1.0), (0.9, 4.0), (1.0, 2.0)])
-def test_ard_matches_naive(teacher, alpha: float, temperature: float) -> None:
-    adv, clean, y = _inputs()
-    gamma = [1.0, 0.5, 2.0]
-    got = ard_loss(
-        adv,
-        clean,
-        y,
-        alpha=alpha,
-        temperature=temperature,
-        teacher=teacher,
-        exit_weights=gamma,
-        reduction="none",
-    )
-    expected = ref_ard(adv, clean, y, teacher, alpha, temperature, gamma)
+    kwargs = {"alpha": alpha, "temperature": temperature, "teacher": teacher}
+    got = loss_fn(adv, clean, y, **kwargs, exit_weights=gamma, reduction="none")
+    expected = reference(adv, clean, y, teacher, alpha, temperature, gamma)
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64))
 
 
