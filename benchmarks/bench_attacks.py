@@ -142,23 +142,30 @@ def data(batch: int, device: torch.device, shape: tuple[int, ...] = (1, 28, 28),
 
 
 def timed_all(
-    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Every time of ``repeats`` calls of each function, in seconds.
+    """Every wall-clock time of ``repeats`` calls of each function, in seconds.
 
     The functions run round-robin (a, b, c, a, b, c, ...) so that a slow spell of a shared
-    machine hits all of them alike.
+    machine hits all of them alike. ``cpu``, when given, receives the CPU time of this
+    process for every call (all threads summed): on a machine shared with other work it
+    moves far less than the wall clock.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - start_cpu)
     return times
 
 
@@ -292,10 +299,12 @@ def msdnet_section(batch: int, repeats: int, device: torch.device) -> None:
     net.eval()
     for model in (staged, generic):  # warm-up
         MultiExitPGD(model, eps=MSD_EPS, alpha=MSD_ALPHA, steps=1)(images[:2], labels[:2])
+    cpu: dict[str, list[float]] = {}
     times = timed_all(
         {name: (lambda atk=atk: atk(images, labels)) for name, atk in atks.items()},
         repeats,
         device,
+        cpu,
     )
     flops = {name: count_flops(lambda atk=atk: atk(images, labels)) for name, atk in atks.items()}
     params = sum(p.numel() for p in net.parameters())
@@ -310,7 +319,8 @@ def msdnet_section(batch: int, repeats: int, device: torch.device) -> None:
         )
     print(
         f"(d) max-average truncated / generic: {median_ratio(times, 'truncated', 'generic'):.3f}"
-        f"  (target <= 0.75); FLOP ratio {flops['truncated'] / flops['generic']:.3f}"
+        f"  (target <= 0.75); FLOP ratio {flops['truncated'] / flops['generic']:.3f}; "
+        f"CPU-time ratio {median_ratio(cpu, 'truncated', 'generic'):.3f}"
     )
 
     criterion = NEOKDLoss()
@@ -322,15 +332,20 @@ def msdnet_section(batch: int, repeats: int, device: torch.device) -> None:
         loss.backward()
         net.zero_grad(set_to_none=True)
 
+    cpu_steps: dict[str, list[float]] = {}
     steps = timed_all(
-        {name: (lambda atk=atk: train_step(atk)) for name, atk in atks.items()}, repeats, device
+        {name: (lambda atk=atk: train_step(atk)) for name, atk in atks.items()},
+        repeats,
+        device,
+        cpu_steps,
     )
     net.eval()
     print(
         f"(e) one NEO-KD training step (attack + loss + backward): generic "
         f"{statistics.median(steps['generic']) * 1000:.1f} ms, truncated "
         f"{statistics.median(steps['truncated']) * 1000:.1f} ms "
-        f"(ratio {median_ratio(steps, 'truncated', 'generic'):.3f})"
+        f"(ratio {median_ratio(steps, 'truncated', 'generic'):.3f}; CPU-time ratio "
+        f"{median_ratio(cpu_steps, 'truncated', 'generic'):.3f})"
     )
 
 
@@ -373,10 +388,12 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     warm = attacks(model, 1)
     for name in atks:
         warm[name](images, labels)
+    cpu: dict[str, list[float]] = {}
     times = timed_all(
         {name: (lambda atk=atk: atk(images, labels)) for name, atk in atks.items()},
         args.repeats,
         device,
+        cpu,
     )
     best = {name: min(values) for name, values in times.items()}
 
@@ -407,7 +424,8 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     print(f"    functional multi_exit_pgd / MultiExitPGD:      {ratio_core:.3f}  (about 1)")
     print(
         f"(b) staged max-average, batched and truncated / one candidate at a time: "
-        f"{ratio_b:.3f}  (median, target <= 1.05)"
+        f"{ratio_b:.3f}  (median, target <= 1.05); CPU-time ratio "
+        f"{median_ratio(cpu, 'max_average_batched', 'max_average_one_at_a_time'):.3f}"
     )
     if not args.no_memory:
         mem_batched = peak_memory_mib("max_average_batched", args.batch, device)
