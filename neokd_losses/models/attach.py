@@ -418,6 +418,14 @@ def attach_exits(
     ResNet stages and plain layer stacks; a wrong guess is reported at the first forward
     with a ValueError that points to ``example_input``.
 
+    Stages: the wrapper is a staged model (``has_stages``; see
+    :class:`~neokd_losses.models.staged.StagedModel`) exactly when ``backbone`` is a
+    plain ``nn.Sequential`` (not a subclass with its own ``forward``) and every named
+    layer is one of its direct children, used once. Then
+    :class:`~neokd_losses.inference.EarlyExitClassifier` accepts it and
+    :func:`~neokd_losses.models.run_until` runs only the children up to exit k. For any
+    other backbone ``run_until`` still stops the backbone right after exit k's head.
+
     Args:
         backbone: the network; it is shared, not copied, and gains forward hooks that
             act only while the wrapper runs.

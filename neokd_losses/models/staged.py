@@ -129,17 +129,16 @@ def require_staged(model: object, what: str) -> StagedModel:
         return staged
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what} needs an nn.Module with stages, got {type(model).__name__}.")
-    detail = ""
+    fix = f"To add stages, {_HOW_TO}."
     if hasattr(model, "has_stages"):  # an AttachedExits whose backbone cannot be staged
-        detail = (
-            " attach_exits gives stages only to an nn.Sequential backbone whose exits sit on "
-            "its direct children; use such a backbone, or"
+        fix = (
+            "attach_exits gives stages only to an nn.Sequential backbone whose exits sit on "
+            f"its direct children: use such a backbone, or write the model yourself and {_HOW_TO}."
         )
     raise TypeError(
         f"{what} needs a staged model, but {type(model).__name__} has no stages "
         f"(num_exits = {getattr(model, 'num_exits', None)!r}, forward_stage "
-        f"{'present' if hasattr(model, 'forward_stage') else 'missing'}).{detail} "
-        f"To add them, {_HOW_TO}."
+        f"{'present' if hasattr(model, 'forward_stage') else 'missing'}). {fix}"
     )
 
 
