@@ -29,6 +29,12 @@ The 7-exit MSDNet for CIFAR-100 (3×32×32, 3,067,960 parameters), B = ``--msd-b
     adversarial forwards in training mode, ``NEOKDLoss`` and the backward pass): time
     with the generic attack and with the truncated one.
 
+On CPU with glibc, buffers above malloc's mmap threshold (at most 32 MiB) go back to the
+system when freed and are page-faulted in again at the next step; the batched path's
+larger buffers pay this more (about 20 % in (b) at B = 128). Set
+``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` (or use
+jemalloc / tcmalloc) to time the computation alone; the header says which was used.
+
 SmallCNN and MSDNet implement the staged-model protocol (``neokd_losses.models.staged``);
 ``Unstaged`` hides it to time the generic path. Times are the fastest (or the median,
 where said) of ``--repeats`` runs after a warm-up, the attacks taking turns.
@@ -401,7 +407,8 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     print(
         f"{type(model).__name__} ({params:,} parameters), B = {args.batch}, {STEPS} steps, "
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"fastest (median for b) of {args.repeats} runs"
+        f"fastest (median for b) of {args.repeats} runs; MALLOC_MMAP_THRESHOLD_="
+        f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}"
     )
     for name, seconds in best.items():
         print(f"  {name:<28s} {seconds * 1000:9.1f} ms")
