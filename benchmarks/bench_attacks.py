@@ -29,6 +29,12 @@ The 7-exit MSDNet for CIFAR-100 (3×32×32, 3,067,960 parameters), B = ``--msd-b
     adversarial forwards in training mode, ``NEOKDLoss`` and the backward pass): time
     with the generic attack and with the truncated one.
 
+On CPU with glibc, buffers above malloc's mmap threshold (at most 32 MiB) go back to the
+system when freed and are page-faulted in again at the next step; the batched path's
+larger buffers pay this more (about 20 % in (b) at B = 128). Set
+``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` (or use
+jemalloc / tcmalloc) to time the computation alone; the header says which was used.
+
 SmallCNN and MSDNet implement the staged-model protocol (``neokd_losses.models.staged``);
 ``Unstaged`` hides it to time the generic path. Times are the fastest (or the median,
 where said) of ``--repeats`` runs after a warm-up, the attacks taking turns.
@@ -142,23 +148,30 @@ def data(batch: int, device: torch.device, shape: tuple[int, ...] = (1, 28, 28),
 
 
 def timed_all(
-    fns: dict[str, Callable[[], object]], repeats: int, device: torch.device
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    device: torch.device,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
-    """Every time of ``repeats`` calls of each function, in seconds.
+    """Every wall-clock time of ``repeats`` calls of each function, in seconds.
 
     The functions run round-robin (a, b, c, a, b, c, ...) so that a slow spell of a shared
-    machine hits all of them alike.
+    machine hits all of them alike. ``cpu``, when given, receives the CPU time of this
+    process for every call (all threads summed): on a machine shared with other work it
+    moves far less than the wall clock.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - start_cpu)
     return times
 
 
@@ -292,10 +305,12 @@ def msdnet_section(batch: int, repeats: int, device: torch.device) -> None:
     net.eval()
     for model in (staged, generic):  # warm-up
         MultiExitPGD(model, eps=MSD_EPS, alpha=MSD_ALPHA, steps=1)(images[:2], labels[:2])
+    cpu: dict[str, list[float]] = {}
     times = timed_all(
         {name: (lambda atk=atk: atk(images, labels)) for name, atk in atks.items()},
         repeats,
         device,
+        cpu,
     )
     flops = {name: count_flops(lambda atk=atk: atk(images, labels)) for name, atk in atks.items()}
     params = sum(p.numel() for p in net.parameters())
@@ -310,7 +325,8 @@ def msdnet_section(batch: int, repeats: int, device: torch.device) -> None:
         )
     print(
         f"(d) max-average truncated / generic: {median_ratio(times, 'truncated', 'generic'):.3f}"
-        f"  (target <= 0.75); FLOP ratio {flops['truncated'] / flops['generic']:.3f}"
+        f"  (target <= 0.75); FLOP ratio {flops['truncated'] / flops['generic']:.3f}; "
+        f"CPU-time ratio {median_ratio(cpu, 'truncated', 'generic'):.3f}"
     )
 
     criterion = NEOKDLoss()
@@ -322,15 +338,20 @@ def msdnet_section(batch: int, repeats: int, device: torch.device) -> None:
         loss.backward()
         net.zero_grad(set_to_none=True)
 
+    cpu_steps: dict[str, list[float]] = {}
     steps = timed_all(
-        {name: (lambda atk=atk: train_step(atk)) for name, atk in atks.items()}, repeats, device
+        {name: (lambda atk=atk: train_step(atk)) for name, atk in atks.items()},
+        repeats,
+        device,
+        cpu_steps,
     )
     net.eval()
     print(
         f"(e) one NEO-KD training step (attack + loss + backward): generic "
         f"{statistics.median(steps['generic']) * 1000:.1f} ms, truncated "
         f"{statistics.median(steps['truncated']) * 1000:.1f} ms "
-        f"(ratio {median_ratio(steps, 'truncated', 'generic'):.3f})"
+        f"(ratio {median_ratio(steps, 'truncated', 'generic'):.3f}; CPU-time ratio "
+        f"{median_ratio(cpu_steps, 'truncated', 'generic'):.3f})"
     )
 
 
@@ -373,10 +394,12 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     warm = attacks(model, 1)
     for name in atks:
         warm[name](images, labels)
+    cpu: dict[str, list[float]] = {}
     times = timed_all(
         {name: (lambda atk=atk: atk(images, labels)) for name, atk in atks.items()},
         args.repeats,
         device,
+        cpu,
     )
     best = {name: min(values) for name, values in times.items()}
 
@@ -384,7 +407,8 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     print(
         f"{type(model).__name__} ({params:,} parameters), B = {args.batch}, {STEPS} steps, "
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"fastest (median for b) of {args.repeats} runs"
+        f"fastest (median for b) of {args.repeats} runs; MALLOC_MMAP_THRESHOLD_="
+        f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}"
     )
     for name, seconds in best.items():
         print(f"  {name:<28s} {seconds * 1000:9.1f} ms")
@@ -403,11 +427,19 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     }
     sizes = [int(v) for v in args.small_batches.split(",") if v.strip()]
     small = small_batch_ratios(model, sizes, args.repeats, device)
-    print(f"(a) single(exit -1) / torchattacks.PGD(ExitView):  {ratio_a:.3f}  (target <= 1.05)")
-    print(f"    functional multi_exit_pgd / MultiExitPGD:      {ratio_core:.3f}  (about 1)")
+    best_cpu = {name: min(values) for name, values in cpu.items()}
+    print(
+        f"(a) single(exit -1) / torchattacks.PGD(ExitView):  {ratio_a:.3f}  (target <= 1.05); "
+        f"CPU-time ratio {best_cpu['single'] / best_cpu['stock_pgd']:.3f}"
+    )
+    print(
+        f"    functional multi_exit_pgd / MultiExitPGD:      {ratio_core:.3f}  (about 1); "
+        f"CPU-time ratio {best_cpu['functional_single'] / best_cpu['single']:.3f}"
+    )
     print(
         f"(b) staged max-average, batched and truncated / one candidate at a time: "
-        f"{ratio_b:.3f}  (median, target <= 1.05)"
+        f"{ratio_b:.3f}  (median, target <= 1.05); CPU-time ratio "
+        f"{median_ratio(cpu, 'max_average_batched', 'max_average_one_at_a_time'):.3f}"
     )
     if not args.no_memory:
         mem_batched = peak_memory_mib("max_average_batched", args.batch, device)
@@ -424,7 +456,10 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     )
     for size, ratio in small.items():
         print(f"    time ratio at B = {size}: {ratio:.3f}")
-    print(f"(c) average / naive per-exit loop:               {ratio_c:.3f}  (target <= 1.05)")
+    print(
+        f"(c) average / naive per-exit loop:               {ratio_c:.3f}  (target <= 1.05); "
+        f"CPU-time ratio {best_cpu['average'] / best_cpu['naive_average']:.3f}"
+    )
 
 
 if __name__ == "__main__":

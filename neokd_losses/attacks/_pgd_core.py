@@ -347,14 +347,22 @@ def _model_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-def _rows(state: Any, rows: slice) -> Any:
-    """Rows ``rows`` of a stage state: a tensor, or a tuple / list / dict of them, batch first."""
+def _split_rows(state: Any, count: int) -> tuple[Any, Any]:
+    """A stage state (a tensor, or a tuple / list / dict of them, batch first) split into
+    its first ``count`` rows and the rest.
+
+    ``Tensor.split`` rather than two slices: its backward writes the input gradient once
+    (one concatenation), where two slices would each fill a zero tensor of the input's size.
+    """
     if isinstance(state, Tensor):
-        return state[rows]
+        first, rest = torch.split(state, [count, state.shape[0] - count])
+        return first, rest
     if isinstance(state, dict):
-        return {key: _rows(value, rows) for key, value in state.items()}
+        pairs = {key: _split_rows(value, count) for key, value in state.items()}
+        return {k: v[0] for k, v in pairs.items()}, {k: v[1] for k, v in pairs.items()}
     if isinstance(state, (tuple, list)):
-        return type(state)(_rows(value, rows) for value in state)
+        parts = [_split_rows(value, count) for value in state]
+        return type(state)(p[0] for p in parts), type(state)(p[1] for p in parts)
     raise TypeError(
         f"a stage state must be a Tensor or a tuple / list / dict of Tensors (batch first), "
         f"got {type(state).__name__}."
@@ -489,14 +497,15 @@ class ExitForward:
             # for the rows that go on. Split, the arithmetic is exactly that of one
             # candidate at a time, with fewer calls (2E - 1 stage calls per step, not
             # E(E + 1) / 2).
-            _, own = self.model.forward_stage(stage, _rows(state, slice(None, batch)))  # type: ignore[operator]
+            mine, rest = _split_rows(state, batch)
+            _, own = self.model.forward_stage(stage, mine)  # type: ignore[operator]
             losses.append(
                 F.cross_entropy(
                     upcast(own), labels[(stage - first) * batch :][:batch], reduction="none"
                 )
             )
             if stage + 1 < last:
-                state, _ = self.model.forward_stage(stage, _rows(state, slice(batch, None)))  # type: ignore[operator]
+                state, _ = self.model.forward_stage(stage, rest)  # type: ignore[operator]
         return torch.cat(losses)
 
 
