@@ -2,7 +2,7 @@
 
 Forward + backward of the full NEO-KD objective for E = 7 exits, B = 128, K = 100 (the
 CIFAR-100 setting), on identical inputs and the same orthogonal mask, in one run. Prints
-time ratios; targets: the vectorised loss at least 5x faster than the loop, and drawing
+time ratios; targets: the vectorized loss at least 5x faster than the loop, and drawing
 the orthogonal mask at most 20 % of the loss time.
 
     python benchmarks/bench_losses.py [--device cuda] [--repeats 20]
@@ -84,7 +84,7 @@ def main() -> None:
     mask = orthogonal_label_mask(targets, e, k)
     criterion = NEOKDLoss().to(device)
 
-    def vectorised() -> None:
+    def vectorized() -> None:
         criterion(adv, clean, targets, mask=mask).backward()
 
     def fresh_mask() -> None:
@@ -99,13 +99,13 @@ def main() -> None:
     torch.testing.assert_close(
         criterion(adv, clean, targets, mask=mask), loop_neokd(adv, clean, targets, mask, 3.0, 1.0)
     )
-    t_vec = timed(vectorised, args.repeats, device)
+    t_vec = timed(vectorized, args.repeats, device)
     t_fresh = timed(fresh_mask, args.repeats, device)
     t_loop = timed(loop, max(2, args.repeats // 10), device)
     t_mask = timed(draw_mask, args.repeats, device)
     print(f"NEOKDLoss forward+backward, E={e}, B={b}, K={k}, device={device}")
-    print(f"  vectorised (given mask)   {t_vec * 1e3:9.2f} ms")
-    print(f"  vectorised (fresh mask)   {t_fresh * 1e3:9.2f} ms")
+    print(f"  vectorized (given mask)   {t_vec * 1e3:9.2f} ms")
+    print(f"  vectorized (fresh mask)   {t_fresh * 1e3:9.2f} ms")
     print(f"  per-exit/per-sample loop  {t_loop * 1e3:9.2f} ms")
     print(f"  mask draw alone           {t_mask * 1e3:9.2f} ms")
     print(f"speed-up over the loop: {t_loop / t_vec:.1f}x (target >= 5x)")

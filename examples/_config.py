@@ -197,7 +197,7 @@ def _type_name(value: Any) -> str:
 
 
 def _check_type(key: str, value: Any, annotation: str) -> Any:
-    """Check one value against the field annotation (as a string); return it normalised."""
+    """Check one value against the field annotation (as a string); return it normalized."""
     if annotation == "bool":
         if not isinstance(value, bool):
             raise ConfigError(

@@ -1,7 +1,7 @@
 """Datasets, splits and the resumable sharded sampler of the reference training loop.
 
 Every split yields ``(image, label)`` with the image a float tensor (C, H, W) in [0, 1]
-(normalisation, when a setting uses it, is the first layer of the model, so attacks work
+(normalization, when a setting uses it, is the first layer of the model, so attacks work
 in pixel space) and the label an int.
 
 Sources:

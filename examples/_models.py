@@ -1,7 +1,7 @@
-"""Models of the reference loop: the digits CNN, the package's architectures, normalisation.
+"""Models of the reference loop: the digits CNN, the package's architectures, normalization.
 
 Every model takes images in [0, 1] and returns a list of E exit logits (B, K), earliest
-exit first. Settings that normalise their inputs get a ``Normalized`` wrapper whose first
+exit first. Settings that normalize their inputs get a ``Normalized`` wrapper whose first
 step is ``(x - mean) / std``, so attacks keep working in pixel space.
 """
 
@@ -22,7 +22,7 @@ class DigitsCNN(nn.Module):
     fc 8w->128, ReLU, dropout -> fc 128->K [exit 3].
     Exit 1 head: conv 3x3 stride 2 w->w -> flatten 16w -> linear 16w->64 -> linear 64->K.
     Exit 2 head: maxpool 2 -> flatten 8w -> linear 8w->64 -> linear 64->K.
-    Convolutions are Kaiming-normal initialised with zero biases.
+    Convolutions are Kaiming-normal initialized with zero biases.
 
     Shape:
         - input: (B, C, 8, 8) in [0, 1].

@@ -1,6 +1,6 @@
 """Graceful stop on SIGINT / SIGTERM: finish the current step, checkpoint, exit.
 
-The first signal only raises a flag that the training loop checks after every optimiser
+The first signal only raises a flag that the training loop checks after every optimizer
 step; it then saves a checkpoint at that exact position and exits with 128 + the signal
 number (130 for SIGINT, 143 for SIGTERM). A second SIGINT interrupts at once.
 

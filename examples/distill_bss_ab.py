@@ -13,10 +13,10 @@ Data: scikit-learn's bundled 8x8 handwritten digits (1797 images, offline), scal
      α·Hinton KD + β·KD on samples that the teacher's ``BoundarySupportingAttack`` pushed
      just across its decision boundary, with the reference α/β schedule; every exit
      learns from the teacher.
-   - ``ab+bss``: first an activation-boundary (AB) initialisation stage: the student's
+   - ``ab+bss``: first an activation-boundary (AB) initialization stage: the student's
      convolution feeding each exit learns, through a 1x1-conv + BN connector, which of
      the matching teacher layer's neurons fire; then the BSS training above.
-   - ``ab+bss+neokd``: the same AB initialisation, then adversarial training with the
+   - ``ab+bss+neokd``: the same AB initialization, then adversarial training with the
      NEO-KD objective on max-average PGD examples of the student, plus the BSS
      distillation terms (without a second clean cross-entropy).
 3. Prints the per-exit clean and adversarial accuracy (max-average PGD, which attacks
@@ -152,20 +152,20 @@ def train_teacher(teacher: Teacher, data, args, gen: torch.Generator) -> None:
     """PGD adversarial training with the Triple Wins mix: 0.5 CE(clean) + 0.5 CE(adv)."""
     x_train, y_train = data
     attack = torchattacks.PGD(teacher, eps=args.eps, alpha=args.step_size, steps=args.train_steps)
-    optimiser = sgd(teacher.parameters(), args.lr)
+    optimizer = sgd(teacher.parameters(), args.lr)
     for epoch in range(args.teacher_epochs):
         teacher.train()
         for xb, yb in batches(x_train, y_train, args.batch_size, gen):
             adv = attack(xb, yb)
             loss = 0.5 * F.cross_entropy(teacher(xb), yb) + 0.5 * F.cross_entropy(teacher(adv), yb)
-            optimiser.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            optimiser.step()
+            optimizer.step()
         print(f"  teacher epoch {epoch + 1}/{args.teacher_epochs}: loss {loss.item():.3f}")
     teacher.eval()
 
 
-def ab_initialise(student: Student, teacher: Teacher, data, args, gen: torch.Generator) -> None:
+def ab_initialize(student: Student, teacher: Teacher, data, args, gen: torch.Generator) -> None:
     """AB stage: the student's exit-feeding convolutions learn the teacher's activation
     boundaries through one connector per exit; the connectors are then discarded."""
     x_train, _ = data
@@ -183,7 +183,7 @@ def ab_initialise(student: Student, teacher: Teacher, data, args, gen: torch.Gen
         margin=1.0, connectors=connectors, exit_weights=[1.0 / n for n in sizes]
     )
     params = [p for layer in s_layers for p in layer.parameters()] + list(criterion.parameters())
-    optimiser = sgd(params, args.student_lr)
+    optimizer = sgd(params, args.student_lr)
     student.train()
     with FeatureRecorder(t_layers) as t_rec, FeatureRecorder(s_layers) as s_rec:
         for epoch in range(args.ab_epochs):
@@ -192,9 +192,9 @@ def ab_initialise(student: Student, teacher: Teacher, data, args, gen: torch.Gen
                     teacher(xb)
                 student(xb)
                 loss = criterion(s_rec.features, [f.detach() for f in t_rec.features])
-                optimiser.zero_grad()
+                optimizer.zero_grad()
                 loss.backward()
-                optimiser.step()
+                optimizer.step()
             print(f"  AB epoch {epoch + 1}/{args.ab_epochs}: AB loss {loss.item():.2f}")
 
 
@@ -208,7 +208,7 @@ def train_student(
     pgd = MultiExitPGD(
         student, eps=args.eps, alpha=args.step_size, steps=args.train_steps, mode="max-average"
     )
-    optimiser = sgd(student.parameters(), args.student_lr)
+    optimizer = sgd(student.parameters(), args.student_lr)
     for epoch in range(args.epochs):
         distil.alpha, distil.beta = bss_weight_schedule(epoch, args.epochs)
         student.train()
@@ -223,9 +223,9 @@ def train_student(
             if neokd:
                 adv = pgd(xb, yb)
                 loss = loss + neokd_loss(student(adv), clean, yb)
-            optimiser.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            optimiser.step()
+            optimizer.step()
         print(
             f"  epoch {epoch + 1}/{args.epochs}: loss {loss.item():.3f} "
             f"(alpha={distil.alpha:.2f}, beta={distil.beta:.2f}, "
@@ -292,7 +292,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated subset of {', '.join(METHODS)}",
     )
     p.add_argument("--teacher-epochs", type=int, default=10)
-    p.add_argument("--ab-epochs", type=int, default=3, help="epochs of the AB initialisation stage")
+    p.add_argument("--ab-epochs", type=int, default=3, help="epochs of the AB initialization stage")
     p.add_argument("--epochs", type=int, default=10, help="student training epochs")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument(
@@ -384,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, tuple[list[float], list
         torch.manual_seed(args.seed)  # every student starts from the same weights
         student = Student(args.student_width)
         if method.startswith("ab"):
-            ab_initialise(student, teacher, (x_train, y_train), args, gen)
+            ab_initialize(student, teacher, (x_train, y_train), args, gen)
         train_student(
             student, teacher, (x_train, y_train), args, gen, neokd=method.endswith("neokd")
         )

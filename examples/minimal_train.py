@@ -3,7 +3,7 @@
     python examples/minimal_train.py --epochs 10
 
 A 3-exit CNN (an nn.Sequential with exits attached) on scikit-learn's 8x8 digits: each
-step crafts max-average PGD examples and minimises the NEO-KD loss on the clean and the
+step crafts max-average PGD examples and minimizes the NEO-KD loss on the clean and the
 adversarial batch; then every exit is scored clean and under PGD. examples/train.py is
 the full-featured loop.
 """

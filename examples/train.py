@@ -5,7 +5,7 @@
 
 Each step draws adversarial examples with ``MultiExitPGD`` (max-average or average
 attack, ``attack.train_steps`` steps), runs the model on the clean and the adversarial
-batch and minimises the method's loss ``loss(adv_logits, clean_logits, targets)``. After
+batch and minimizes the method's loss ``loss(adv_logits, clean_logits, targets)``. After
 the last epoch the model is evaluated (``_evaluate.py``): anytime accuracy on clean
 inputs and under ``attack.eval_steps``-step max-average and average PGD, the budgeted
 curve with thresholds from the validation split, the transferability matrix, plots.
@@ -755,7 +755,7 @@ def epoch_entry(epoch: int, lr: float, stats: dict[str, Tensor], seconds: float)
 
 
 def build_loop(config: Config, env: _distributed.DistEnv, log: RunLog) -> Loop:
-    """Data, model, optimiser, schedule, AMP scaler, loss, attack: a fresh run's state."""
+    """Data, model, optimizer, schedule, AMP scaler, loss, attack: a fresh run's state."""
     device = env.device
     # Data: rank 0 first, so that a download happens once.
     splits: Splits | None = None
@@ -840,7 +840,7 @@ def restore(loop: Loop, ckpt: dict[str, Any], path: Path) -> dict[str, Tensor] |
     """Load a checkpoint's state into ``loop``; return the saved mid-epoch statistics.
 
     Raises:
-        CheckpointError: the file's contents do not fit this model and optimiser.
+        CheckpointError: the file's contents do not fit this model and optimizer.
     """
     env = loop.env
     try:

@@ -1,7 +1,7 @@
 """neokd-losses: NEO-KD adversarial training for any multi-exit network.
 
 A multi-exit model is anything whose ``forward`` returns a list or tuple of E exit logits
-tensors (B, K). The top level holds the small, stable API: the NEO-KD losses (neighbour
+tensors (B, K). The top level holds the small, stable API: the NEO-KD losses (neighbor
 and exit-wise orthogonal knowledge distillation, Ham et al., NeurIPS 2023), the paper's
 baseline losses, the multi-exit attacks, and the boundary-distillation plug-ins
 (:mod:`neokd_losses.distill`).

@@ -1,11 +1,11 @@
 """Validation and stacking of multi-exit outputs, shared by every loss and attack.
 
 A multi-exit model returns a sequence of E logits tensors, each (B, K). Internally the
-library works on one stacked (E, B, K) tensor so that every loss is vectorised over exits.
+library works on one stacked (E, B, K) tensor so that every loss is vectorized over exits.
 The helpers here turn user input into that tensor, or raise an error that names what was
 expected, what was received and, where one exists, the fix.
 
-All helpers take *logits* (unnormalised scores), never probabilities.
+All helpers take *logits* (unnormalized scores), never probabilities.
 """
 
 from __future__ import annotations

@@ -304,31 +304,31 @@ def check_image_kind(images: object, name: str = "images") -> None:
         )
 
 
-def check_image_range(images: Tensor, tolerance: float, *, normalised: bool) -> None:
+def check_image_range(images: Tensor, tolerance: float, *, normalized: bool) -> None:
     """ValueError unless ``images`` lies in [0, 1] (up to ``tolerance``).
 
-    ``normalised`` says the values were recovered by undoing ``set_normalization_used``,
+    ``normalized`` says the values were recovered by undoing ``set_normalization_used``,
     which changes the advice in the message and widens the tolerance to a few units in
-    the last place of the images' dtype: normalising a float16 / bfloat16 image and
+    the last place of the images' dtype: normalizing a float16 / bfloat16 image and
     undoing it rounds twice (by up to about 0.002 near 0 and 1 in bfloat16).
     """
     if images.numel() == 0:
         return
-    if normalised:
+    if normalized:
         tolerance = max(tolerance, 4 * torch.finfo(images.dtype).eps)
     low, high = (float(v) for v in torch.aminmax(images.detach()))
     if low >= -tolerance and high <= 1 + tolerance:
         return
-    if normalised:
+    if normalized:
         raise ValueError(
-            "`images` must be normalised with the mean and std given to "
-            "set_normalization_used, i.e. lie in [0, 1] once un-normalised; got values "
-            f"in [{low:.6g}, {high:.6g}] after un-normalising."
+            "`images` must be normalized with the mean and std given to "
+            "set_normalization_used, i.e. lie in [0, 1] once un-normalized; got values "
+            f"in [{low:.6g}, {high:.6g}] after un-normalizing."
         )
     raise ValueError(
         f"`images` must lie in [0, 1], got values in [{low:.6g}, {high:.6g}]. Scale "
-        "them to [0, 1]; if the model expects normalised inputs, pass [0, 1] images to a "
-        "model that normalises, or use set_normalization_used(mean, std)."
+        "them to [0, 1]; if the model expects normalized inputs, pass [0, 1] images to a "
+        "model that normalizes, or use set_normalization_used(mean, std)."
     )
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: device and dtype parametrisation, a seed per test, CUDA skipping."""
+"""Shared fixtures: device and dtype parametrization, a seed per test, CUDA skipping."""
 
 from __future__ import annotations
 

@@ -714,11 +714,11 @@ def test_image_checks() -> None:
         V.check_image_kind(torch.zeros(2, 3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         V.check_image_kind(torch.zeros(3))
-    V.check_image_range(torch.tensor([0.0, 1.0]), 0.0, normalised=False)
+    V.check_image_range(torch.tensor([0.0, 1.0]), 0.0, normalized=False)
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\], got values in \[0, 2\]"):
-        V.check_image_range(torch.tensor([0.0, 2.0]), 0.0, normalised=False)
-    with pytest.raises(ValueError, match="after un-normalising"):
-        V.check_image_range(torch.tensor([-0.5, 1.0]), 1e-5, normalised=True)
+        V.check_image_range(torch.tensor([0.0, 2.0]), 0.0, normalized=False)
+    with pytest.raises(ValueError, match="after un-normalizing"):
+        V.check_image_range(torch.tensor([-0.5, 1.0]), 1e-5, normalized=True)
     with pytest.raises(ValueError, match=r"x.unsqueeze\(0\)"):
         V.check_image_input(torch.zeros(1, 8, 8), 1, (8, 8), "Net")
 

@@ -32,9 +32,9 @@ from matplotlib.patches import Patch
 from neokd_losses.losses import neighbor_weights, orthogonal_label_mask
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "figures"
-EXIT_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
-TRUTH_COLOUR = "#222222"
-DROPPED_COLOUR = "#eeeeee"
+EXIT_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+TRUTH_COLOR = "#222222"
+DROPPED_COLOR = "#eeeeee"
 # PNG metadata without the matplotlib version, so that re-running gives the same bytes.
 PNG_METADATA = {"Software": None}
 
@@ -75,7 +75,7 @@ def neighbor_teacher_figure(num_exits: int = 5) -> Figure:
             classes + (e - 1.5) * width,
             probs[e].numpy(),
             width,
-            color=EXIT_COLOURS[e],
+            color=EXIT_COLORS[e],
             alpha=0.55,
             label=f"clean exit {e + 1}",
         )
@@ -104,7 +104,7 @@ def orthogonal_mask_figure(num_exits: int = 3, num_classes: int = 10) -> Figure:
 
     fig = plt.figure(figsize=(12, 6.2))
     grid = fig.add_gridspec(2, 3, height_ratios=[1, 1.15])
-    colours = ListedColormap([DROPPED_COLOUR, TRUTH_COLOUR, *EXIT_COLOURS[:num_exits]])
+    colors = ListedColormap([DROPPED_COLOR, TRUTH_COLOR, *EXIT_COLORS[:num_exits]])
     for column, (mask, target, title) in enumerate(panels):
         ax = fig.add_subplot(grid[0, column])
         # 0 dropped, 1 ground truth, 2 + e kept for exit e
@@ -112,7 +112,7 @@ def orthogonal_mask_figure(num_exits: int = 3, num_classes: int = 10) -> Figure:
         for e in range(num_exits):
             codes[e][mask[e]] = 2 + e
         codes[:, target] = 1
-        ax.imshow(codes.numpy(), cmap=colours, vmin=0, vmax=1 + num_exits)
+        ax.imshow(codes.numpy(), cmap=colors, vmin=0, vmax=1 + num_exits)
         ax.set_xticks(range(num_classes), [str(k) for k in range(num_classes)])
         ax.set_yticks(range(num_exits), [f"exit {e + 1}" for e in range(num_exits)])
         ax.set_xlabel("class")
@@ -122,11 +122,11 @@ def orthogonal_mask_figure(num_exits: int = 3, num_classes: int = 10) -> Figure:
         ax.grid(which="minor", color="white", linewidth=2)
         ax.tick_params(which="minor", length=0)
     per_exit = (num_classes - 1) // num_exits
-    handles = [Patch(color=TRUTH_COLOUR, label="ground truth (kept by every exit)")]
+    handles = [Patch(color=TRUTH_COLOR, label="ground truth (kept by every exit)")]
     handles += [
-        Patch(color=EXIT_COLOURS[e], label=f"kept by exit {e + 1} only") for e in range(num_exits)
+        Patch(color=EXIT_COLORS[e], label=f"kept by exit {e + 1} only") for e in range(num_exits)
     ]
-    handles.append(Patch(color=DROPPED_COLOUR, label="set to zero"))
+    handles.append(Patch(color=DROPPED_COLOR, label="set to zero"))
     fig.legend(handles=handles, loc="upper center", ncol=num_exits + 2, frameon=False)
 
     # One orthogonal label: exit 1's clean prediction restricted to its kept classes.
@@ -140,14 +140,14 @@ def orthogonal_mask_figure(num_exits: int = 3, num_classes: int = 10) -> Figure:
     classes = torch.arange(num_classes).float()
     ax.bar(classes - 0.2, probs.numpy(), 0.4, color="#999999", label="clean prediction f₁(x)")
     ax.bar(
-        classes + 0.2, label.numpy(), 0.4, color=EXIT_COLOURS[0], label="orthogonal label O(f₁(x))"
+        classes + 0.2, label.numpy(), 0.4, color=EXIT_COLORS[0], label="orthogonal label O(f₁(x))"
     )
     ax.set_xticks(range(num_classes), [str(k) for k in range(num_classes)])
     ax.set_xlabel("class")
     ax.set_ylabel("probability")
     ax.set_title(
         f"exit 1, sample 1: keep the label and exit 1's {per_exit} classes, zero the rest, "
-        "renormalise",
+        "renormalize",
         fontsize=11,
     )
     ax.legend(frameon=False)

@@ -74,7 +74,7 @@ class MultiExitAttack(Attack):  # type: ignore[misc]
                 return adv
             check_image_kind(inputs)
             images = self.inverse_normalize(inputs).to(inputs.dtype)
-            check_image_range(images, RANGE_TOLERANCE, normalised=True)
+            check_image_range(images, RANGE_TOLERANCE, normalized=True)
             self._set_normalization_applied(False)
             try:
                 adv = self.forward(images.clamp(0, 1), labels)
@@ -86,7 +86,7 @@ class MultiExitAttack(Attack):  # type: ignore[misc]
     def forward(self, images: Tensor, labels: Tensor | None) -> Tensor:
         """Validate, move to the model's device, run :meth:`_attack`, move back."""
         check_image_kind(images)
-        check_image_range(images, 0.0, normalised=False)
+        check_image_range(images, 0.0, normalized=False)
         if labels is None:
             raise TypeError(
                 f"{self.attack} needs the labels: call atk(images, labels) with labels (B,)."

@@ -242,7 +242,7 @@ def check_images(images: object) -> None:
             f"`images` contain NaN ({count} of {images.numel()} values); attacks need "
             "images in [0, 1]. Check the data pipeline (e.g. a division by a zero std)."
         )
-    check_image_range(images, 0.0, normalised=False)
+    check_image_range(images, 0.0, normalized=False)
 
 
 def check_labels(labels: object, batch: int, num_classes: int | None, name: str = "labels") -> None:

@@ -245,8 +245,8 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         """Logits of every exit of the attacked model, as the attack sees them.
 
         Mirrors torchattacks' ``get_logits``: when ``set_normalization_used`` is active
-        the normalisation is applied inside an attack call (inputs in [0, 1]) and not
-        outside one (inputs already normalised). Gradients are kept; wrap in
+        the normalization is applied inside an attack call (inputs in [0, 1]) and not
+        outside one (inputs already normalized). Gradients are kept; wrap in
         ``torch.no_grad()`` for evaluation. The model's mode is not changed.
 
         Args:
@@ -331,7 +331,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
             check_image_kind(inputs)
             self._check_channels(inputs)
             images = self.inverse_normalize(inputs).to(inputs.dtype)
-            check_image_range(images, RANGE_TOLERANCE, normalised=True)
+            check_image_range(images, RANGE_TOLERANCE, normalized=True)
             images = images.clamp(0, 1)
             self._set_normalization_applied(False)
             try:

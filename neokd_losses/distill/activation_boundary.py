@@ -91,7 +91,7 @@ def activation_boundary_loss(
     correct side with at least the margin: :math:`s_n \le -m` where the teacher is off
     (:math:`t_n \le 0`), :math:`s_n > m` where it is on. Per sample the loss is a sum
     over neurons; several layers (a sequence, one per exit of a multi-exit student) give
-    one row each, weighted by ``exit_weights``. The loss is not normalised by the layer
+    one row each, weighted by ``exit_weights``. The loss is not normalized by the layer
     size: scale it with the weights if layers differ much in size. The teacher's features
     are detached by default.
 
@@ -237,7 +237,7 @@ class ActivationBoundaryLoss(nn.Module):
 
     With ``connectors`` the student's features of layer i pass through ``connectors[i]``
     (e.g. :func:`ab_connector`) before the comparison; the connectors are submodules, so
-    ``criterion.parameters()`` holds them for the optimiser and ``.to()`` moves them.
+    ``criterion.parameters()`` holds them for the optimizer and ``.to()`` moves them.
 
     Args:
         margin: m >= 0 (paper: 1).

@@ -62,7 +62,7 @@ class BoundarySupportingSamples(NamedTuple):
             targets drawn in proportion to p_n^k (``sampling="sample"``), or p_n^k itself
             (``sampling="all"``); either way Σ over a base's samples of weight·J is the
             paper's Σ_k p_n^k·J, exactly or in expectation.
-        probability: (M,) p_n^k, the teacher's probability of class k renormalised over
+        probability: (M,) p_n^k, the teacher's probability of class k renormalized over
             the non-top classes of the base input.
         steps: (M,) long, the number of steps taken.
         crossed: (M,) bool, whether the teacher's prediction left b within the step cap.
@@ -128,7 +128,7 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
     :func:`~neokd_losses.distill.bss.bss_kd_loss` consumes. Both put the model in eval
     mode (see ``set_model_training_mode``) and restore every module's mode in a
     ``finally``; neither leaves parameter gradients nor changes its inputs. With
-    ``set_normalization_used(mean, std)`` inputs and outputs are normalised, as in
+    ``set_normalization_used(mean, std)`` inputs and outputs are normalized, as in
     torchattacks; otherwise images are in [0, 1].
 
     Args:
@@ -202,11 +202,11 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
     def __call__(self, inputs: Tensor, labels: Tensor | None = None) -> Tensor:
         """One boundary-supporting sample per input, (B, ...); see the class docstring."""
 
-        def normalise(out: Tensor) -> Tensor:
-            normalised: Tensor = self.normalize(out)
-            return normalised.to(out.dtype)
+        def normalize(out: Tensor) -> Tensor:
+            normalized: Tensor = self.normalize(out)
+            return normalized.to(out.dtype)
 
-        return self._in_attack_context(inputs, labels, self.forward, normalise)
+        return self._in_attack_context(inputs, labels, self.forward, normalize)
 
     def forward(self, images: Tensor, labels: Tensor | None) -> Tensor:
         """One sample per input in [0, 1] toward a target drawn ∝ p_n^k; misclassified
@@ -220,31 +220,31 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
         """Every boundary-supporting sample of a batch, with its bookkeeping.
 
         Uses ``num_targets`` and ``sampling`` of the attack. Model modes and input
-        normalisation are handled as in ``atk(images, labels)``.
+        normalization are handled as in ``atk(images, labels)``.
 
         Args:
-            images: a batch (B, ...) in [0, 1] (normalised if ``set_normalization_used``).
+            images: a batch (B, ...) in [0, 1] (normalized if ``set_normalization_used``).
             labels: class indices (B,).
 
         Returns:
-            A :class:`BoundarySupportingSamples`; its ``samples`` are normalised like the
+            A :class:`BoundarySupportingSamples`; its ``samples`` are normalized like the
             inputs.
         """
 
-        def normalise(bss: BoundarySupportingSamples) -> BoundarySupportingSamples:
+        def normalize(bss: BoundarySupportingSamples) -> BoundarySupportingSamples:
             return bss._replace(samples=self.normalize(bss.samples).to(bss.samples.dtype))
 
         return self._in_attack_context(
             images,
             labels,
             lambda x, y: self._generate(x, y, num_targets=self.num_targets, sampling=self.sampling),
-            normalise,
+            normalize,
         )
 
     def get_logits(
         self, inputs: Tensor, labels: Tensor | None = None, *args: Any, **kwargs: Any
     ) -> Tensor:
-        """The model's logits (B, K), normalised as torchattacks does; raises on a list."""
+        """The model's logits (B, K), normalized as torchattacks does; raises on a list."""
         if self._normalization_applied is False:
             inputs = self.normalize(inputs).to(inputs.dtype)
         out = self.model(inputs)
@@ -267,22 +267,22 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
         inputs: Tensor,
         labels: Tensor | None,
         run: Callable[[Tensor, Tensor | None], _R],
-        renormalise: Callable[[_R], _R],
+        renormalize: Callable[[_R], _R],
     ) -> _R:
-        """Run ``run`` with the attack's model mode and torchattacks' normalisation rules."""
+        """Run ``run`` with the attack's model mode and torchattacks' normalization rules."""
         check_image_kind(inputs)
         with preserved_modes(self.model):
             self._change_model_mode(self.model.training)
             if self._normalization_applied is not True:
                 return run(inputs, labels)
             images = self.inverse_normalize(inputs).to(inputs.dtype)
-            check_image_range(images, RANGE_TOLERANCE, normalised=True)
+            check_image_range(images, RANGE_TOLERANCE, normalized=True)
             self._set_normalization_applied(False)
             try:
                 result = run(images.clamp(0, 1), labels)
             finally:
                 self._set_normalization_applied(True)
-            return renormalise(result)
+            return renormalize(result)
 
     def _targets(
         self, logits: Tensor, base: Tensor, num_targets: int, sampling: str
@@ -312,9 +312,9 @@ class BoundarySupportingAttack(Attack):  # type: ignore[misc]
     def _generate(
         self, images: Tensor, labels: Tensor | None, *, num_targets: int, sampling: str
     ) -> BoundarySupportingSamples:
-        """Boundary-supporting samples for images in [0, 1] (no normalisation handling)."""
+        """Boundary-supporting samples for images in [0, 1] (no normalization handling)."""
         check_image_kind(images)
-        check_image_range(images, 0.0, normalised=False)
+        check_image_range(images, 0.0, normalized=False)
         if labels is None:
             raise TypeError(
                 "BoundarySupportingAttack needs the labels: call atk(images, labels) with "

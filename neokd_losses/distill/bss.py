@@ -141,7 +141,7 @@ def bss_kd_loss(
     is the paper's :math:`\sum_k p_n^k J` over target classes k, exactly (every target,
     weight :math:`p_n^k`) or in expectation (targets drawn ∝ :math:`p_n^k`, weight 1/S).
     ``reduction="mean"`` sums over exits and averages over the B clean samples, so the
-    BSS term is normalised by B, not by the number of samples M. The KD terms are
+    BSS term is normalized by B, not by the number of samples M. The KD terms are
     multiplied by T² (Hinton); the reference anneals α from 4 to 1 and β from 2 to 0, see
     :func:`bss_weight_schedule`. Without boundary-supporting samples (all four ``bss_*``
     arguments None) the loss is CE + Hinton KD. The teacher's logits are detached by

@@ -87,7 +87,7 @@ class AnytimeResult:
         return sum(self.accuracies) / self.num_exits
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict: attack, num_samples, correct, per_exit, mean."""
+        """A JSON-serializable dict: attack, num_samples, correct, per_exit, mean."""
         return {
             "attack": self.attack,
             "num_samples": self.num_samples,

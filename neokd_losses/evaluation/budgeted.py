@@ -27,7 +27,7 @@ but from the mean of the softmax outputs of exits 1..k,
 used for the thresholds, the exit assignment and the prediction alike. The cost of exit
 k is unchanged: exits 1..k have all been computed by the time exit k is reached.
 
-Everything works on stacked (E, N, K) logits and is vectorised over samples; the loops
+Everything works on stacked (E, N, K) logits and is vectorized over samples; the loops
 left are over the E - 1 exits (each threshold depends on the previous ones) and over the
 P budget points. Accuracies are fractions in [0, 1].
 """
@@ -180,7 +180,7 @@ def _confidence(logits: Tensor, ensemble: bool = False) -> tuple[Tensor, Tensor]
 def exit_proportions(budget_index: float, num_exits: int, *, center: float = 20.0) -> Tensor:
     """Proportion of samples meant to leave at each exit for one budget point.
 
-    MSDNet's schedule: q_k ∝ (p / c)^k for k = 1..E, normalised to sum 1. Below the
+    MSDNet's schedule: q_k ∝ (p / c)^k for k = 1..E, normalized to sum 1. Below the
     center (p < c) early exits get most samples; above it, late exits do.
 
     Args:
@@ -438,7 +438,7 @@ class BudgetCurve:
     ensemble: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        """A strictly JSON-serialisable dict (no ``inf``).
+        """A strictly JSON-serializable dict (no ``inf``).
 
         ``thresholds`` keeps the first E - 1 exits only (the last is always −∞), with
         +∞ (no sample leaves there) written as None.

@@ -297,14 +297,14 @@ def plot_transferability(
         for j in range(size):
             if math.isnan(percent[i][j]):
                 continue
-            colour = "white" if percent[i][j] > 60 else "black"
+            color = "white" if percent[i][j] > 60 else "black"
             ax.text(
                 j,
                 i,
                 f"{percent[i][j]:.{digits}f}",
                 ha="center",
                 va="center",
-                color=colour,
+                color=color,
                 fontsize=8 if size > 5 else 10,
             )
     labels = [str(k + 1) for k in range(size)]
@@ -325,7 +325,7 @@ def plot_exit_accuracies(
     title: str | None = None,
     dpi: int = 150,
 ) -> Figure:
-    """Grouped bars of per-exit accuracy, one colour per setting (e.g. clean and attacked).
+    """Grouped bars of per-exit accuracy, one color per setting (e.g. clean and attacked).
 
     Args:
         results: label -> :class:`~neokd_losses.evaluation.anytime.AnytimeResult` or a

@@ -86,7 +86,7 @@ class SanityCheck:
     values: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict of the fields."""
+        """A JSON-serializable dict of the fields."""
         return {
             "name": self.name,
             "passed": self.passed,
@@ -133,7 +133,7 @@ class SanityReport:
         raise KeyError(f"no check named {name!r}; the checks are {names}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict: ``passed`` and the list of checks."""
+        """A JSON-serializable dict: ``passed`` and the list of checks."""
         return {"passed": self.passed, "checks": [c.to_dict() for c in self.checks]}
 
     def to_markdown(self) -> str:

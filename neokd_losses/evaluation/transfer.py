@@ -22,7 +22,7 @@ Two ways of counting a success are offered (``count=``):
 
 Here x^(i) = PGD-single on exit i and ŷ_j the prediction of exit j. The diagonal is
 each exit's own single-attack success rate; the mean of the off-diagonal entries
-summarises transferability (CIFAR-100, 7 exits: 23.68 % without distillation, 33.36 %
+summarizes transferability (CIFAR-100, 7 exits: 23.68 % without distillation, 33.36 %
 for SKD, 20.12 % for NEO-KD in the paper). A :class:`TransferResult` keeps the per-entry
 numerators and denominators of both definitions, so either rate can be recomputed. The
 model returns *logits*; rates are fractions in [0, 1].
@@ -145,7 +145,7 @@ class TransferResult:
         return off_diagonal_mean(self.rates(count))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict: the rates of both definitions and every count."""
+        """A JSON-serializable dict: the rates of both definitions and every count."""
         return {
             "count": self.count,
             "matrix": self.matrix.tolist(),

@@ -215,7 +215,7 @@ class MSDNet(nn.Module):
     (stage 0 also the stem) and exit head b; the state between stages is the list of
     the kept scales' feature maps (B, C_s, H_s, W_s), finest first.
 
-    Initialisation: conv weights N(0, 2/(k·k·C_out)), BN weight 1 and bias 0, linear
+    Initialization: conv weights N(0, 2/(k·k·C_out)), BN weight 1 and bias 0, linear
     bias 0 (PyTorch's default for linear weights and the ImageNet stem's conv bias).
 
     The factories build the paper's settings; their parameter counts and costs (measured
@@ -369,7 +369,7 @@ class MSDNet(nn.Module):
         return (height, width)
 
     def reset_parameters(self) -> None:
-        """Reference initialisation: conv N(0, 2/(k·k·C_out)), BN (1, 0), linear bias 0."""
+        """Reference initialization: conv N(0, 2/(k·k·C_out)), BN (1, 0), linear bias 0."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels

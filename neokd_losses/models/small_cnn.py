@@ -40,7 +40,7 @@ class SmallCNN(nn.Module):
         exit 2: maxpool 2, flatten 1600,
                 linear 1600→200, dropout 0.5, linear 200→200, linear 200→K
 
-    Initialisation: Kaiming-normal convolution weights with zero biases; the trunk's last
+    Initialization: Kaiming-normal convolution weights with zero biases; the trunk's last
     layer (fc 200→K) starts at zero weight and bias, so exit 3 outputs zeros at first;
     other linear layers keep PyTorch's default.
 

@@ -245,7 +245,7 @@ def _trained_model() -> tuple[nn.Module, Tensor, Tensor]:
     x = 0.4 * torch.rand(64, 16)
     x.view(64, 4, 4)[torch.arange(64), y] += 0.5
     model = TinyMLPExits(in_features=16, num_classes=4, num_exits=3)
-    for _ in range(30):  # plain SGD by hand: building a torch.optim optimiser is slow to import
+    for _ in range(30):  # plain SGD by hand: building a torch.optim optimizer is slow to import
         model.zero_grad()
         sum(F.cross_entropy(z, y) for z in model(x)).backward()
         with torch.no_grad():
@@ -385,7 +385,7 @@ def test_mode_restored_when_the_model_raises(mode):
     with pytest.raises(RuntimeError, match="boom"):
         atk(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
     assert {name: m.training for name, m in model.named_modules()} == before
-    assert atk._normalization_applied is True  # the normalisation switch is restored too
+    assert atk._normalization_applied is True  # the normalization switch is restored too
 
 
 def test_model_is_in_eval_during_the_attack_and_restored_after():

@@ -188,11 +188,11 @@ def test_malformed_model_outputs(output, error, match):
         )
 
 
-def test_normalised_images_out_of_range():
+def test_normalized_images_out_of_range():
     atk = MultiExitPGD(TinyMLPExits(in_features=16, num_classes=5).eval(), steps=1)
     atk.set_normalization_used(mean=[0.5] * 16, std=[0.25] * 16)
     with pytest.raises(
-        ValueError, match=r"lie in \[0, 1\] once un-normalised; got values in \[1\.5, 1\.5\]"
+        ValueError, match=r"lie in \[0, 1\] once un-normalized; got values in \[1\.5, 1\.5\]"
     ):
         atk(torch.full((2, 16, 1, 1), 4.0), torch.zeros(2, dtype=torch.long))
 

@@ -1,4 +1,4 @@
-"""MultiExitPGD as a torchattacks citizen: stock PGD equality, normalisation, model
+"""MultiExitPGD as a torchattacks citizen: stock PGD equality, normalization, model
 training mode, targeted modes (defined on the final exit), save(), MultiAttack, repr."""
 
 from __future__ import annotations
@@ -48,37 +48,37 @@ def test_single_equals_stock_attack_on_an_exit_view(norm, stock, eps, alpha, exi
 MEAN, STD = [0.4, 0.6], [0.2, 0.3]
 
 
-def _normalise(x: Tensor) -> Tensor:
+def _normalize(x: Tensor) -> Tensor:
     return (x - torch.tensor(MEAN).view(1, 2, 1, 1)) / torch.tensor(STD).view(1, 2, 1, 1)
 
 
 @pytest.mark.parametrize("mode", ["average", "max-average"])
 def test_set_normalization_used_attacks_in_pixel_space(mode):
-    model = _mlp()  # takes (B, 2, 2, 4) images, normalised per channel
+    model = _mlp()  # takes (B, 2, 2, 4) images, normalized per channel
     x, y = torch.rand(4, 2, 2, 4), torch.randint(0, 5, (4,))
     atk = MultiExitPGD(model, eps=0.05, alpha=0.02, steps=3, random_start=False, mode=mode)
     atk.set_normalization_used(mean=MEAN, std=STD)
-    adv_normalised = atk(_normalise(x), y)
+    adv_normalized = atk(_normalize(x), y)
 
-    # Independent reference: the same attack on a model that normalises [0, 1] inputs itself.
+    # Independent reference: the same attack on a model that normalizes [0, 1] inputs itself.
     class PixelModel(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.inner = model
 
         def forward(self, images):
-            return self.inner(_normalise(images))
+            return self.inner(_normalize(images))
 
     expected = MultiExitPGD(
         PixelModel().eval(), eps=0.05, alpha=0.02, steps=3, random_start=False, mode=mode
     )(x, y)
-    torch.testing.assert_close(adv_normalised, _normalise(expected), rtol=0, atol=1e-5)
-    pixel = adv_normalised * torch.tensor(STD).view(1, 2, 1, 1) + torch.tensor(MEAN).view(
+    torch.testing.assert_close(adv_normalized, _normalize(expected), rtol=0, atol=1e-5)
+    pixel = adv_normalized * torch.tensor(STD).view(1, 2, 1, 1) + torch.tensor(MEAN).view(
         1, 2, 1, 1
     )
     assert (pixel - x).abs().max() <= 0.05 + 1e-5
-    # Outside an attack call, get_exit_logits takes normalised inputs, like get_logits.
-    torch.testing.assert_close(atk.get_exit_logits(_normalise(x))[1], model(_normalise(x))[1])
+    # Outside an attack call, get_exit_logits takes normalized inputs, like get_logits.
+    torch.testing.assert_close(atk.get_exit_logits(_normalize(x))[1], model(_normalize(x))[1])
 
 
 class _ModeRecorder(nn.Module):
@@ -341,19 +341,19 @@ def test_model_with_buffers_only(capsys):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_set_normalization_used_accepts_low_precision_normalised_images(dtype):
+def test_set_normalization_used_accepts_low_precision_normalized_images(dtype):
     mean, std = [0.485, 0.456], [0.229, 0.224]
     model = _mlp().to(dtype)
     x, y = torch.rand(32, 2, 2, 4), torch.randint(0, 5, (32,))
     x[0], x[1] = 0.0, 1.0  # the corners, where the round trip leaves [0, 1] most
-    normalised = (
+    normalized = (
         (x - torch.tensor(mean).view(1, 2, 1, 1)) / torch.tensor(std).view(1, 2, 1, 1)
     ).to(dtype)
     atk = MultiExitPGD(model, eps=0.05, alpha=0.02, steps=2, mode="average")
     atk.set_normalization_used(mean=mean, std=std)
-    assert atk(normalised, y).dtype == dtype
-    with pytest.raises(ValueError, match="once un-normalised"):
-        atk(torch.full_like(normalised, 5.0), y)  # far outside: still caught
+    assert atk(normalized, y).dtype == dtype
+    with pytest.raises(ValueError, match="once un-normalized"):
+        atk(torch.full_like(normalized, 5.0), y)  # far outside: still caught
 
 
 @pytest.mark.cuda

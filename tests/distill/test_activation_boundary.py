@@ -276,7 +276,7 @@ def test_multi_exit_student_learns_teacher_boundaries_layer_per_exit() -> None:
         connectors=[ab_connector(4, 8), ab_connector(4, 8), ab_connector(8, 16)]
     )
     params = [p for layer in s_layers for p in layer.parameters()] + list(criterion.parameters())
-    optimiser = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     x = torch.rand(8, 1, 8, 8)
     with torch.no_grad(), FeatureRecorder(t_layers) as rec_t:
         teacher(x)
@@ -286,9 +286,9 @@ def test_multi_exit_student_learns_teacher_boundaries_layer_per_exit() -> None:
         for _ in range(12):
             student(x)
             loss = criterion(rec_s.features, t_feats)
-            optimiser.zero_grad()
+            optimizer.zero_grad()
             loss.backward()
-            optimiser.step()
+            optimizer.step()
             losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert all(p.grad is None for p in teacher.parameters())

@@ -278,11 +278,11 @@ def test_model_mode_during_the_walk_follows_set_model_training_mode(model_traini
     assert all(m.training for m in model.modules())
 
 
-def test_normalisation_matches_a_model_that_normalises() -> None:
+def test_normalization_matches_a_model_that_normalizes() -> None:
     mean, std = [0.3, 0.5], [0.2, 0.4]
     linear = _linear([[1.0, -1.0], [-0.5, 1.0], [0.2, 0.1]], [0.0, 0.1, -0.1])
 
-    class Normalised(nn.Module):
+    class Normalized(nn.Module):
         def forward(self, x):
             m = torch.tensor(mean, dtype=x.dtype)[None, :, None, None]
             s = torch.tensor(std, dtype=x.dtype)[None, :, None, None]
@@ -293,8 +293,8 @@ def test_normalisation_matches_a_model_that_normalises() -> None:
             return linear(x.mean((2, 3)))
 
     x = torch.rand(6, 2, 3, 3, dtype=torch.float64)
-    labels = Normalised()(x).argmax(1)
-    plain = BoundarySupportingAttack(Normalised(), sampling="all").generate(x, labels)
+    labels = Normalized()(x).argmax(1)
+    plain = BoundarySupportingAttack(Normalized(), sampling="all").generate(x, labels)
     atk = BoundarySupportingAttack(Raw(), sampling="all")
     atk.set_normalization_used(mean, std)
     m = torch.tensor(mean, dtype=torch.float64)[None, :, None, None]

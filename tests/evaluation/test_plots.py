@@ -151,7 +151,7 @@ def _assert_texts_inside(fig: Figure) -> None:
 
 
 def _assert_clear_of_the_data(fig: Figure) -> None:
-    """Neither the legend nor the title overlaps an axes (data, bars, colour bar)."""
+    """Neither the legend nor the title overlaps an axes (data, bars, color bar)."""
     renderer = _render(fig)
     blocks = [legend.get_window_extent(renderer) for legend in fig.legends]
     if fig._suptitle is not None:
@@ -208,8 +208,8 @@ def test_transferability_layout_with_long_title() -> None:
         matrix = torch.rand(size, size, generator=torch.Generator().manual_seed(size))
         fig = plot_transferability(matrix, title=LONG_TITLE)
         _assert_texts_inside(fig)
-        _assert_clear_of_the_data(fig)  # the title clears the heatmap and the colour bar
-        assert len(fig.axes) == 2  # heatmap and colour bar
+        _assert_clear_of_the_data(fig)  # the title clears the heatmap and the color bar
+        assert len(fig.axes) == 2  # heatmap and color bar
 
 
 def test_exit_accuracies_layout_with_long_title_and_labels() -> None:

@@ -241,7 +241,7 @@ def test_max_batches_and_mode_restored(trained: nn.Module) -> None:
     assert isinstance(report, SanityReport)
 
 
-def test_report_serialisation() -> None:
+def test_report_serialization() -> None:
     report = SanityReport(
         (
             SanityCheck("a", True, "fine", {"x": [1.0, 2.0]}),

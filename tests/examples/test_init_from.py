@@ -44,7 +44,7 @@ def test_a_plain_state_dict_is_loaded(tiny_config: Any, tmp_path: Path) -> None:
     torch.save(source, tmp_path / "weights.pt")
     got = _starting_weights(tiny_config(model__init_from=str(tmp_path / "weights.pt")))
     assert got.keys() == source.keys() and all(torch.equal(got[k], source[k]) for k in source)
-    # Without it the loop starts from its own seeded initialisation, which differs.
+    # Without it the loop starts from its own seeded initialization, which differs.
     own = _starting_weights(tiny_config("scratch"))
     assert not all(torch.equal(own[k], source[k]) for k in source)
 

@@ -6,7 +6,7 @@ weights they end with must agree to float tolerance. What the naive loop replica
 the reference loop's randomness (read from examples/train.py and examples/_data.py):
 
 - ``seed_everything(seed)`` (Python, NumPy and torch's global RNG) and then the model's
-  initialisation from torch's global RNG: building the data splits draws only from
+  initialization from torch's global RNG: building the data splits draws only from
   dedicated generators, so the model is the first thing the global RNG makes;
 - the digits split: one ``randperm`` of the 1797 images with ``split_seed`` (test, then
   validation, then training images, the first ``train_cap`` of them kept);

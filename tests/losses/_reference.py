@@ -1,7 +1,7 @@
 """Naive references for the NEO-KD losses, written from docs/paper.md#the-neo-kd-objective.
 
 One exit and one sample at a time with plain Python arithmetic; nothing here is shared
-with the vectorised implementation under test.
+with the vectorized implementation under test.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def hard_ce(student: list[float], label: int) -> float:
     return soft_ce(student, onehot)
 
 
-def neighbours(i: int, num_exits: int) -> list[int]:
+def neighbors(i: int, num_exits: int) -> list[int]:
     """The paper's N_i, 0-based: first exit {0, 1}, last {E-2, E-1}, inner {i-1, i, i+1}."""
     if num_exits == 1:
         return [0]
@@ -47,7 +47,7 @@ def nkd(adv: list[Tensor], clean: list[Tensor], temperature: float = 1.0) -> lis
     for i in range(num_exits):
         row = []
         for j in range(batch):
-            probs = [softmax(clean[n][j].tolist(), temperature) for n in neighbours(i, num_exits)]
+            probs = [softmax(clean[n][j].tolist(), temperature) for n in neighbors(i, num_exits)]
             teacher = [sum(p[k] for p in probs) / len(probs) for k in range(len(probs[0]))]
             row.append(temperature**2 * soft_ce(adv[i][j].tolist(), teacher, temperature))
         out.append(row)

@@ -47,7 +47,7 @@ def test_weights_rows(num_exits: int) -> None:
     w = neighbor_weights(num_exits)
     for i in range(num_exits):
         expected = torch.zeros(num_exits)
-        members = ref.neighbours(i, num_exits)
+        members = ref.neighbors(i, num_exits)
         expected[members] = 1.0 / len(members)
         torch.testing.assert_close(w[i], expected)
 
@@ -129,7 +129,7 @@ def test_invalid_num_exits() -> None:
 
 
 def test_autocast_keeps_the_teacher_mix_in_float32() -> None:
-    # The neighbour average used to be an einsum, which CPU/CUDA autocast runs in bf16/fp16:
+    # The neighbor average used to be an einsum, which CPU/CUDA autocast runs in bf16/fp16:
     # the loss then drifted by ~1e-3 relative from the float32 value.
     adv, clean = random_exits(5, 16, 10), random_exits(5, 16, 10)
     expected = torch.tensor(ref.nkd(adv, clean, 2.0), dtype=torch.float32)

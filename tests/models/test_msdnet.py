@@ -131,7 +131,7 @@ def test_lin_grow_block_lengths() -> None:
     assert len(model(torch.rand(1, 3, 32, 32))) == 4
 
 
-def test_initialisation_follows_reference_md() -> None:
+def test_initialization_follows_reference_md() -> None:
     model = msdnet_cifar10()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -165,7 +165,7 @@ def test_imagenet_stem_has_a_biased_7x7_stride_2_convolution() -> None:
     assert [tuple(z.shape) for z in model(torch.rand(2, 3, 64, 64))] == [(2, 5)]
 
 
-def test_initialisation_is_deterministic_under_a_seed() -> None:
+def test_initialization_is_deterministic_under_a_seed() -> None:
     torch.manual_seed(5)
     a = _mini().state_dict()
     torch.manual_seed(5)

@@ -1,4 +1,4 @@
-"""SmallCNN: exact size, shapes, initialisation, cost by hand, input checks, compile, PGD."""
+"""SmallCNN: exact size, shapes, initialization, cost by hand, input checks, compile, PGD."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_exits_sit_where_reference_md_puts_them() -> None:
             torch.testing.assert_close(got, expected)
 
 
-def test_initialisation_follows_triple_wins() -> None:
+def test_initialization_follows_triple_wins() -> None:
     model = SmallCNN()
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 5
@@ -140,7 +140,7 @@ def test_initialisation_follows_triple_wins() -> None:
     assert torch.all(z3 == 0)
 
 
-def test_initialisation_is_deterministic_under_a_seed() -> None:
+def test_initialization_is_deterministic_under_a_seed() -> None:
     torch.manual_seed(3)
     a = SmallCNN().state_dict()
     torch.manual_seed(3)
