@@ -21,11 +21,11 @@ from neokd_losses._validation import (
     RANGE_TOLERANCE,
     check_image_kind,
     check_image_range,
-    check_targets,
     first_device,
     module_device,
     preserved_modes,
 )
+from neokd_losses.attacks._pgd_core import check_labels
 from neokd_losses.attacks.exit_view import ExitView, as_exit_list
 
 __all__ = ["MultiExitAttack"]
@@ -91,7 +91,7 @@ class MultiExitAttack(Attack):  # type: ignore[misc]
             raise TypeError(
                 f"{self.attack} needs the labels: call atk(images, labels) with labels (B,)."
             )
-        check_targets(labels, images.shape[0], 2**62, name="labels")
+        check_labels(labels, images.shape[0], None)  # the upper bound once K is known
         if images.shape[0] == 0:
             return images.detach().clone()
         device = module_device(self._exit_model, images)

@@ -286,3 +286,12 @@ def test_bad_arguments() -> None:
         )
     with pytest.raises(ValueError, match="labels"):
         MultiExitAPGD(model, steps=1)(torch.rand(2, 1, 8, 8), torch.tensor([0, 7]))
+
+
+def test_labels_out_of_range_name_the_real_number_of_classes() -> None:
+    atk = MultiExitAPGD(TinyMultiExit(num_classes=10), eps=0.1, steps=1)
+    images = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"class indices in \[0, K\), got values in \[-1, 0\]"):
+        atk(images, torch.tensor([-1, 0]))
+    with pytest.raises(ValueError, match=r"\[0, 10\) for K = 10 classes"):
+        atk(images, torch.tensor([10, 0]))
