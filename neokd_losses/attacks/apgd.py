@@ -373,8 +373,16 @@ class MultiExitAPGD(MultiExitAttack):
 
     Args:
         model: a multi-exit ``nn.Module`` returning a list of E logits (B, K).
-        eps, norm, steps, loss, mode, exit_index, exit_weights, restarts, rho, generator:
-            as :func:`multi_exit_apgd`.
+        eps: as in :func:`multi_exit_apgd`.
+        norm: as in :func:`multi_exit_apgd`.
+        steps: as in :func:`multi_exit_apgd`.
+        loss: as in :func:`multi_exit_apgd`.
+        mode: as in :func:`multi_exit_apgd`.
+        exit_index: as in :func:`multi_exit_apgd`.
+        exit_weights: as in :func:`multi_exit_apgd`.
+        restarts: as in :func:`multi_exit_apgd`.
+        rho: as in :func:`multi_exit_apgd`.
+        generator: as in :func:`multi_exit_apgd`.
 
     Shape:
         - images: (B, ...) in [0, 1]; labels: (B,); output: (B, ...).

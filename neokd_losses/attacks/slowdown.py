@@ -53,8 +53,12 @@ class SlowdownAttack(MultiExitAttack):
         model: multi-exit ``nn.Module`` returning E logits (B, K).
         thresholds: the deployed thresholds (E,), or None (``"uniform"`` only).
         objective: ``"uniform"`` or ``"hinge"``.
-        eps, alpha, steps, norm, restarts, generator: as
-            :class:`~neokd_losses.attacks.policy.ExitPolicyAttack`.
+        eps: as in :class:`~neokd_losses.attacks.policy.ExitPolicyAttack`.
+        alpha: as in :class:`~neokd_losses.attacks.policy.ExitPolicyAttack`.
+        steps: as in :class:`~neokd_losses.attacks.policy.ExitPolicyAttack`.
+        norm: as in :class:`~neokd_losses.attacks.policy.ExitPolicyAttack`.
+        restarts: as in :class:`~neokd_losses.attacks.policy.ExitPolicyAttack`.
+        generator: as in :class:`~neokd_losses.attacks.policy.ExitPolicyAttack`.
         margin: m ≥ 0 of the hinge.
 
     Raises:

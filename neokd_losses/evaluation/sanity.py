@@ -458,8 +458,15 @@ def exit_sanity_checks(
         steps: (few, many) steps.
         restarts: random restarts of the many-step attack, ≥ 1.
         surrogate: a model of the same output format to craft transfer examples on.
-        large_eps, step_factor, tolerance, max_accuracy_at_large_eps, max_batches, seed,
-            device, progress, warn: as :func:`sanity_checks`.
+        large_eps: as in :func:`sanity_checks`.
+        step_factor: as in :func:`sanity_checks`.
+        tolerance: as in :func:`sanity_checks`.
+        max_accuracy_at_large_eps: as in :func:`sanity_checks`.
+        max_batches: as in :func:`sanity_checks`.
+        seed: as in :func:`sanity_checks`.
+        device: as in :func:`sanity_checks`.
+        progress: as in :func:`sanity_checks`.
+        warn: as in :func:`sanity_checks`.
 
     Returns:
         A :class:`SanityReport`.
