@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from neokd_losses._exits import stack_exits
 from neokd_losses._validation import check_module, check_targets, first_device, preserved_modes
+from neokd_losses.evaluation._finite import check_no_nan
 
 __all__ = [
     "Attack",
@@ -223,6 +224,7 @@ def count_correct(
     correct: Tensor | None = None
     total = 0
     for logits, labels in exit_logits(model, batches, attack):
+        check_no_nan(logits, "model(images)")
         hits = (logits.argmax(-1) == labels).sum(-1)  # (E,)
         correct = hits if correct is None else correct + hits
         total += labels.shape[0]

@@ -292,3 +292,15 @@ def test_nan_images_are_reported_not_scored() -> None:
     labels = torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match=r"`images` contain NaN \(1 of 256 values\)"):
         anytime_accuracy(model, [(images, labels)], progress=False)
+
+
+def test_nan_logits_are_reported_not_scored() -> None:
+    # Formerly NaN logits were scored (argmax of NaN is an ordinary class index).
+    class NaNExit(nn.Module):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            z = x.flatten(1)[:, :3]
+            return [z, z * float("nan")]
+
+    batches = [(torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(ValueError, match=r"`model\(images\)` contain NaN"):
+        anytime_accuracy(NaNExit(), batches, progress=False)
