@@ -95,8 +95,12 @@ def check_real(
     high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
+    finite: bool = True,
 ) -> float:
     """``value`` as a finite float inside an optional interval.
+
+    With ``finite=False`` only the kind is checked (NaN and ±inf pass through, for
+    callers that check them with a message of their own, or allow infinite thresholds).
 
     Accepted: ``int``, ``float``, any ``numbers.Real`` (NumPy scalars too) and
     one-element real tensors. Refused with ``TypeError``: bools, strings, complex numbers
@@ -122,6 +126,8 @@ def check_real(
         expected = f"a real number {bound}" if low_open else "a real number"
         raise TypeError(f"`{name}` must be {expected}, got {_describe(value)}.")
     result = float(value)  # type: ignore[arg-type]
+    if not finite and not math.isfinite(result):
+        return result
     below = low is not None and (result <= low if low_open else result < low)
     above = high is not None and (result >= high if high_open else result > high)
     if not math.isfinite(result) or below or above:

@@ -33,11 +33,15 @@ from neokd_losses.evaluation import (
     budget_curve,
     budgeted_accuracy,
     budgeted_evaluation,
+    deployed_evaluation,
     exit_assignment,
     exit_costs,
     exit_proportions,
+    exit_sanity_checks,
     fit_thresholds,
+    robust_accuracy,
     sanity_checks,
+    strong_evaluation,
     transferability_matrix,
 )
 from neokd_losses.evaluation.anytime import AnytimeResult
@@ -124,6 +128,31 @@ class Case:
     reals: tuple[str, ...] = ()
     ints: tuple[str, ...] = ()
     infinite_ok: bool = False
+
+
+class _Staged2(nn.Module):
+    """``_Linear2`` as a staged model (two stages on flat inputs)."""
+
+    num_exits = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, K), nn.Linear(4, K)
+
+    def forward_stage(self, index: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if index == 0:
+            return state, self.a(state)
+        return state, self.b(torch.tanh(state))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return models.run_stages(self, x)
+
+
+def _attack_call(cls: Any, *args: Any) -> Callable[[dict[str, Any]], Any]:
+    def run(kwargs: dict[str, Any]) -> Any:
+        return cls(_Linear2(), *args, **kwargs)(_images(), _targets())
+
+    return run
 
 
 def _pgd(**kwargs: Any) -> Any:
@@ -390,6 +419,99 @@ CASES = [
         reals=("eps", "alpha"),
         ints=("steps",),
     ),
+    # ------------------------------------------------------------------ round two
+    Case(
+        "EarlyExitClassifier",
+        lambda kw: neokd_losses.EarlyExitClassifier(_Staged2(), **kw)(_images()),
+        {"thresholds": [0.5, 0.0], "costs": [1.0, 2.0]},
+        reals=("thresholds[0]", "costs[0]"),
+        infinite_ok=True,
+    ),
+    Case(
+        "run_until",
+        lambda kw: neokd_losses.run_until(_Staged2(), _images(), **kw),
+        {"exit_index": 1},
+        ints=("exit_index",),
+    ),
+    Case(
+        "run_stages",
+        lambda kw: models.run_stages(_Staged2(), _images(), **kw),
+        {"last": 1},
+        ints=("last",),
+    ),
+    Case(
+        "MultiExitAPGD",
+        _attack_call(neokd_losses.MultiExitAPGD),
+        {"eps": 0.1, "steps": 2},
+        reals=("eps", "rho"),
+        ints=("steps", "restarts"),
+    ),
+    Case(
+        "ExitPolicyAttack",
+        _attack_call(neokd_losses.ExitPolicyAttack, [0.5, 0.0]),
+        {"eps": 0.1, "alpha": 0.05, "steps": 2},
+        reals=("eps", "alpha", "push_weight"),
+        ints=("steps", "restarts"),
+    ),
+    Case(
+        "SlowdownAttack",
+        _attack_call(neokd_losses.SlowdownAttack),
+        {"eps": 0.1, "alpha": 0.05, "steps": 2},
+        reals=("eps", "alpha", "margin"),
+        ints=("steps", "restarts"),
+    ),
+    Case(
+        "LWLoss",
+        lambda kw: neokd_losses.LWLoss(**kw)(_logits(), _targets(), [nn.Linear(4, K)] * E),
+        reals=("lambda_",),
+    ),
+    Case(
+        "lw_loss",
+        lambda kw: F.lw_loss(_logits(), _targets(), [nn.Linear(4, K)] * E, **kw),
+        reals=("lambda_",),
+    ),
+    Case(
+        "multi_exit_pgd",
+        lambda kw: F.multi_exit_pgd(_Linear2(), _images(), _targets(), **kw),
+        {"eps": 0.1, "alpha": 0.05, "steps": 1},
+        reals=("eps", "alpha"),
+        ints=("steps",),
+    ),
+    Case(
+        "robust_accuracy",
+        _call(robust_accuracy, _Linear2(), _loader, ["pgd-average"]),
+        {"eps": 0.1, "steps": 1, "progress": False},
+        reals=("eps",),
+        ints=("steps", "seed"),
+    ),
+    Case(
+        "deployed_evaluation",
+        _call(deployed_evaluation, _Linear2(), _loader, _loader, [1.0, 2.0]),
+        {"eps": 0.1, "steps": 1, "budgets": [20.0], "progress": False},
+        reals=("eps", "budgets[0]", "center"),
+        ints=("steps", "seed"),
+    ),
+    Case(
+        "strong_evaluation",
+        _call(strong_evaluation, _Linear2(), _loader, _loader, [1.0, 2.0]),
+        {"eps": 0.1, "steps": 1, "suite": ["pgd-average"], "budgets": [20.0], "progress": False},
+        reals=("eps", "budgets[0]"),
+        ints=("steps", "seed"),
+    ),
+    Case(
+        "exit_sanity_checks",
+        _call(exit_sanity_checks, _Linear2(), _loader),
+        {
+            "eps": 0.1,
+            "steps": [1, 2],
+            "restarts": 1,
+            "max_batches": 1,
+            "progress": False,
+            "warn": False,
+        },
+        reals=("eps", "step_factor", "tolerance"),
+        ints=("restarts",),
+    ),
 ]
 
 BAD_VALUES: list[tuple[str, object]] = [
@@ -401,43 +523,9 @@ BAD_VALUES: list[tuple[str, object]] = [
 ]
 
 
-_BUDGETED = "owned by another helper: evaluation/budgeted.py converts with float()"
-_SANITY = "owned by another helper: evaluation/sanity.py checks by hand"
-# Cases that fail because of code outside this helper's files (see the report): the
-# marks are strict, so each one fails as soon as its file is fixed and must be removed.
-_KNOWN_GAPS: dict[tuple[str, str, str], str] = {
-    **{
-        ("exit_proportions", arg, label): _BUDGETED
-        for arg in ("budget_index", "center")
-        for label in ("str", "bool", "complex")
-    },
-    ("exit_proportions", "num_exits", "*"): _BUDGETED + " (ValueError for wrong kinds)",
-    ("fit_thresholds", "proportions[0]", "str"): _BUDGETED,
-    ("fit_thresholds", "proportions[0]", "bool"): _BUDGETED,
-    ("exit_assignment", "thresholds[0]", "str"): _BUDGETED,
-    ("exit_assignment", "thresholds[0]", "bool"): _BUDGETED,
-    **{
-        (case, arg, label): _BUDGETED
-        for case, arg in (
-            ("budgeted_accuracy", "costs[0]"),
-            ("budget_curve", "costs[1]"),
-            ("budgeted_evaluation", "costs[0]"),
-        )
-        for label in ("str", "bool")
-    },
-    ("budget_curve", "num_points", "*"): _BUDGETED + " (ValueError for wrong kinds)",
-    ("budgeted_evaluation", "num_points", "*"): _BUDGETED + " (ValueError for wrong kinds)",
-    ("anytime_table", "digits", "*"): "owned by another helper: evaluation/anytime.py "
-    "does not check `digits`",
-    **{
-        ("sanity_checks", arg, label): _SANITY
-        for arg in ("tolerance", "max_accuracy_at_large_eps")
-        for label in ("str", "bool", "complex")
-    },
-    ("sanity_checks", "max_batches", "*"): _SANITY + " (ValueError for wrong kinds)",
-    ("sanity_checks", "steps[0]", "*"): _SANITY + " (ValueError for wrong kinds)",
-    ("sanity_checks", "seed", "*"): _SANITY + " (`seed` is not checked: torch's RuntimeError)",
-}
+# Cases with a known gap (strict xfail marks, so each fails as soon as the gap is fixed);
+# none today.
+_KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 
 
 def _with(base: dict[str, Any], name: str, value: object) -> dict[str, Any]:
@@ -506,6 +594,9 @@ def test_cases_cover_every_public_callable_with_a_number() -> None:
         "collect_logits",
         "off_diagonal_mean",
         "FeatureRecorder",
+        "DeployedResult",
+        "RobustResult",
+        "TransferResult",
     }
     numeric = ("int", "float", "Numbers", "ExitWeights", "Sequence[float]", "tuple[int, int]")
     missing = []

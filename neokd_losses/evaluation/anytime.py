@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neokd_losses._validation import check_int
 from neokd_losses.evaluation._finite import checked_batches
 from neokd_losses.evaluation._loader import (
     Attack,
@@ -124,6 +125,7 @@ def anytime_table(results: Mapping[str, AnytimeResult], *, digits: int = 2) -> s
         | clean | 90.0 | 100.0 | 95.0 |
         | adversarial | 40.0 | 50.0 | 45.0 |
     """
+    digits = check_int(digits, "digits", low=0)
     if not results:
         raise ValueError("`results` must hold at least one AnytimeResult, got an empty mapping.")
     exits = {label: r.num_exits for label, r in results.items()}

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from neokd_losses._exits import check_targets, stack_exits
-from neokd_losses._validation import check_bool
+from neokd_losses._validation import check_bool, check_int, check_positive_int, check_real
 from neokd_losses.evaluation._finite import check_no_nan, checked_batches
 from neokd_losses.evaluation._loader import (
     Attack,
@@ -131,10 +131,8 @@ def _as_vector(values: Numbers, length: int, name: str, device: torch.device) ->
     if isinstance(values, Tensor):
         vector = values.detach().to(device=device, dtype=torch.float64)
     elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
-        try:
-            vector = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"`{name}` must be a sequence of numbers, got {values!r}.") from err
+        numbers = [check_real(v, f"{name}[{i}]", finite=False) for i, v in enumerate(values)]
+        vector = torch.tensor(numbers, dtype=torch.float64, device=device)
     else:
         raise TypeError(
             f"`{name}` must be a sequence of E numbers or a 1-D tensor, got {type(values).__name__}."
@@ -204,12 +202,10 @@ def exit_proportions(budget_index: float, num_exits: int, *, center: float = 20.
         >>> exit_proportions(10, 3)
         tensor([0.5714, 0.2857, 0.1429], dtype=torch.float64)
     """
-    if isinstance(num_exits, bool) or not isinstance(num_exits, int) or num_exits < 1:
-        raise ValueError(f"`num_exits` must be an int >= 1, got {num_exits!r}.")
-    for name, value in (("budget_index", budget_index), ("center", center)):
-        if not (math.isfinite(float(value)) and float(value) > 0):
-            raise ValueError(f"`{name}` must be a finite number > 0, got {value!r}.")
-    ratio = float(budget_index) / float(center)
+    check_positive_int(num_exits, "num_exits")
+    ratio = check_real(budget_index, "budget_index", low=0.0, low_open=True) / check_real(
+        center, "center", low=0.0, low_open=True
+    )
     powers = torch.tensor([ratio ** (k + 1) for k in range(num_exits)], dtype=torch.float64)
     return powers / powers.sum()
 
@@ -312,12 +308,7 @@ def _as_thresholds(thresholds: Numbers | Tensor, confidence: Tensor) -> Tensor:
     if isinstance(thresholds, Tensor):
         t = thresholds.detach().to(device=confidence.device, dtype=confidence.dtype)
     elif isinstance(thresholds, Sequence) and not isinstance(thresholds, (str, bytes)):
-        try:
-            values = [float(v) for v in thresholds]
-        except (TypeError, ValueError) as err:
-            raise TypeError(
-                f"`thresholds` must be a sequence of E numbers, got {thresholds!r}."
-            ) from err
+        values = [check_real(v, f"thresholds[{i}]", finite=False) for i, v in enumerate(thresholds)]
         t = torch.tensor(values, dtype=confidence.dtype, device=confidence.device)
     else:
         raise TypeError(
@@ -514,8 +505,7 @@ def budget_curve(
             "`val_logits` and `test_logits` must have the same number of exits E and classes "
             f"K, got (E, K) = {(val.shape[0], val.shape[2])} and {(test.shape[0], test.shape[2])}."
         )
-    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 1:
-        raise ValueError(f"`num_points` must be an int >= 1, got {num_points!r}.")
+    check_int(num_points, "num_points", low=1)
     num_exits = val.shape[0]
     if val.shape[1] == 0:
         raise ValueError("`val_logits` must hold at least one sample, got N_val = 0.")

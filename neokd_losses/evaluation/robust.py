@@ -616,6 +616,8 @@ def deployed_evaluation(
         >>> r.slowdown_factor[0] >= 1.0
         True
     """
+    center = check_real(center, "center", low=0.0, low_open=True)
+    seed = check_int(seed, "seed")
     check_model(model)
     eps = check_real(eps, "eps", low=0.0)
     steps = check_int(steps, "steps", low=1)

@@ -277,24 +277,18 @@ def sanity_checks(
         raise ValueError(
             f"`eps_factors` must be increasing and non-empty, got {list(eps_factors)}."
         )
-    if (
-        len(steps) != 2
-        or any(isinstance(s, bool) or not isinstance(s, int) for s in steps)
-        or not 0 < steps[0] < steps[1]
-    ):
+    counts = [check_int(s, f"steps[{i}]", low=1) for i, s in enumerate(steps)]
+    if len(counts) != 2 or not counts[0] < counts[1]:
         raise ValueError(f"`steps` must be two ints 0 < few < many, got {steps!r}.")
-    if not 0 <= tolerance < 1:
-        raise ValueError(f"`tolerance` must lie in [0, 1), got {tolerance!r}.")
-    if not 0 <= max_accuracy_at_large_eps <= 1:
-        raise ValueError(
-            f"`max_accuracy_at_large_eps` must lie in [0, 1], got {max_accuracy_at_large_eps!r}."
-        )
+    tolerance = check_real(tolerance, "tolerance", low=0.0, high=1.0, high_open=True)
+    max_accuracy_at_large_eps = check_real(
+        max_accuracy_at_large_eps, "max_accuracy_at_large_eps", low=0.0, high=1.0
+    )
+    seed = check_int(seed, "seed")
     few, many = steps
     target = resolve_device(model, device)
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ValueError(f"`max_batches` must be an int >= 1 or None, got {max_batches!r}.")
+    if max_batches is not None:
+        check_int(max_batches, "max_batches", low=1)
     batches = list(
         itertools.islice(iterate_batches(loader, target, enabled=False, desc=""), max_batches)
     )
@@ -491,14 +485,14 @@ def exit_sanity_checks(
     eps = _positive(eps, "eps")
     step_factor = _positive(step_factor, "step_factor")
     restarts = check_int(restarts, "restarts", low=1)
-    if (
-        len(steps) != 2
-        or any(isinstance(s, bool) or not isinstance(s, int) for s in steps)
-        or not 0 < steps[0] <= steps[1]
-    ):
+    counts = [check_int(s, f"steps[{i}]", low=1) for i, s in enumerate(steps)]
+    if len(counts) != 2 or not counts[0] <= counts[1]:
         raise ValueError(f"`steps` must be two ints 0 < few <= many, got {steps!r}.")
-    if not 0 <= tolerance < 1:
-        raise ValueError(f"`tolerance` must lie in [0, 1), got {tolerance!r}.")
+    tolerance = check_real(tolerance, "tolerance", low=0.0, high=1.0, high_open=True)
+    max_accuracy_at_large_eps = check_real(
+        max_accuracy_at_large_eps, "max_accuracy_at_large_eps", low=0.0, high=1.0
+    )
+    seed = check_int(seed, "seed")
     if max_batches is not None:
         check_int(max_batches, "max_batches", low=1)
     target_device = resolve_device(model, device)

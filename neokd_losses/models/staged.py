@@ -233,7 +233,7 @@ def run_stages(model: StagedModel, x: Tensor, last: int | None = None) -> list[T
         [[0.0, 0.0], [3.0, 3.0]]
     """
     num_exits = require_staged(model, "run_stages").num_exits
-    stop = num_exits - 1 if last is None else check_exit_index(last, num_exits)
+    stop = num_exits - 1 if last is None else check_exit_index(last, num_exits, name="last")
     state: StageState = x
     logits: list[Tensor] = []
     batch = 0

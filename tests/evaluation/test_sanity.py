@@ -273,7 +273,7 @@ def test_report_serialization() -> None:
         ({"steps": (50, 7)}, ValueError, "few < many"),
         ({"tolerance": 1.5}, ValueError, "tolerance"),
         ({"max_batches": 0}, ValueError, "max_batches"),
-        ({"max_batches": 2.5}, ValueError, r"`max_batches` must be an int >= 1 or None, got 2.5"),
+        ({"max_batches": 2.5}, TypeError, r"`max_batches` must be an int, got float 2.5"),
         ({"max_accuracy_at_large_eps": -0.1}, ValueError, "max_accuracy_at_large_eps"),
     ],
 )
