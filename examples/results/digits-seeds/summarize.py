@@ -54,12 +54,11 @@ def main() -> None:
         "beside it (each a run's `results.json`, with its `log.jsonl` beside it).\n"
     )
     print(
-        "The runs were made with the tree of commit 501c094 (the transferability change), "
-        "`OMP_NUM_THREADS=1 python examples/train.py --seed <k> --no-progress` plus: "
-        "`--method neokd`; `--method adv --set loss.adv.clean_weight=1.0 --set "
-        "loss.adv.adv_weight=1.0` (the controlled baseline, today's `--method adv`); "
-        "`--method adv --set loss.adv.clean_weight=0.5 --set loss.adv.adv_weight=0.5` "
-        "(today's `--method adv-half`). Each JSON's `config.loss.adv` records the weights. "
+        "The runs were made with the tree of commit 5f279a0 (round two: staged models, the "
+        "functional attack core, the unified losses), "
+        "`OMP_NUM_THREADS=1 python examples/train.py --method <m> --seed <k> --no-progress`, "
+        "with `--eval-suite strong` for the seed-0 runs of `adv` and `neokd` (their strong-suite "
+        "numbers are in `strong.md`). Each JSON's `config.loss` records the loss settings. "
         "Two runs at a time shared 2 CPU cores with other jobs.\n"
     )
     print("## Mean ± standard deviation over seeds (range in brackets)\n")
