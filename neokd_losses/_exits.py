@@ -1,4 +1,4 @@
-"""Validation and stacking of multi-exit outputs, shared by every loss and attack.
+"""Stacking of multi-exit outputs, shared by every loss and attack (checks: `_validation`).
 
 A multi-exit model returns a sequence of E logits tensors, each (B, K). Internally the
 library works on one stacked (E, B, K) tensor so that every loss is vectorized over exits.
@@ -15,35 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from neokd_losses._validation import (
-    ExitWeights,
-    Reduction,
-    as_exit_weights,
-    check_coefficient,
-    check_exit_index,
-    check_positive_int,
-    check_reduction,
-    check_targets,
-    check_temperature,
-    upcast,
-)
+from neokd_losses._validation import Reduction, check_reduction, upcast
 
-__all__ = [
-    "ExitLogits",
-    "ExitWeights",
-    "Reduction",
-    "as_exit_weights",
-    "check_coefficient",
-    "check_exit_index",
-    "check_positive_int",
-    "check_reduction",
-    "check_same_exits",
-    "check_targets",
-    "check_temperature",
-    "exit_sequence",
-    "reduce_exits",
-    "stack_exits",
-]
+__all__ = ["ExitLogits", "check_same_exits", "reduce_exits", "stack_exits"]
 
 ExitLogits = Sequence[Tensor]
 """A model output: a list or tuple of E logits tensors, each (B, K)."""

@@ -42,8 +42,14 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from neokd_losses._exits import check_targets, stack_exits
-from neokd_losses._validation import check_bool, check_int, check_positive_int, check_real
+from neokd_losses._exits import stack_exits
+from neokd_losses._validation import (
+    check_bool,
+    check_int,
+    check_positive_int,
+    check_real,
+    check_targets,
+)
 from neokd_losses.evaluation._finite import check_no_nan, checked_batches
 from neokd_losses.evaluation._loader import (
     Attack,
