@@ -309,7 +309,9 @@ def test_stage_costs_are_exact_when_the_forward_runs_the_trunk_first() -> None:
     head = 6 * 4 + 4
     want = [float((k + 1) * (block + head)) for k in range(3)]
     assert stage_costs(model, torch.zeros(1, 6)) == want
-    assert exit_costs(model, torch.zeros(1, 6))[0] > want[0]  # the simulation's blind spot
+    with pytest.warns(RuntimeWarning, match="charges each exit what the model computed"):
+        charged = exit_costs(model, torch.zeros(1, 6))  # the simulation's blind spot, flagged
+    assert charged[0] > want[0]
 
 
 # --- public places and bad input ------------------------------------------------------
