@@ -151,6 +151,32 @@ def _positive(value: float, name: str) -> float:
     return check_real(value, name, low=0.0, low_open=True)
 
 
+def _check_settings(
+    steps: Sequence[int],
+    tolerance: float,
+    max_accuracy_at_large_eps: float,
+    seed: int,
+    max_batches: int | None,
+    *,
+    equal_steps: bool,
+) -> tuple[float, float, int]:
+    """The settings both sanity-check entry points share; returns the checked numbers."""
+    counts = [check_int(s, f"steps[{i}]", low=1) for i, s in enumerate(steps)]
+    ordered = len(counts) == 2 and (
+        counts[0] <= counts[1] if equal_steps else counts[0] < counts[1]
+    )
+    if not ordered:
+        relation = "<=" if equal_steps else "<"
+        raise ValueError(f"`steps` must be two ints 0 < few {relation} many, got {steps!r}.")
+    if max_batches is not None:
+        check_int(max_batches, "max_batches", low=1)
+    return (
+        check_real(tolerance, "tolerance", low=0.0, high=1.0, high_open=True),
+        check_real(max_accuracy_at_large_eps, "max_accuracy_at_large_eps", low=0.0, high=1.0),
+        check_int(seed, "seed"),
+    )
+
+
 def _zero_gradient_fraction(
     model: nn.Module, batches: list[tuple[Tensor, Tensor]]
 ) -> tuple[float, float]:
@@ -277,18 +303,11 @@ def sanity_checks(
         raise ValueError(
             f"`eps_factors` must be increasing and non-empty, got {list(eps_factors)}."
         )
-    counts = [check_int(s, f"steps[{i}]", low=1) for i, s in enumerate(steps)]
-    if len(counts) != 2 or not counts[0] < counts[1]:
-        raise ValueError(f"`steps` must be two ints 0 < few < many, got {steps!r}.")
-    tolerance = check_real(tolerance, "tolerance", low=0.0, high=1.0, high_open=True)
-    max_accuracy_at_large_eps = check_real(
-        max_accuracy_at_large_eps, "max_accuracy_at_large_eps", low=0.0, high=1.0
+    tolerance, max_accuracy_at_large_eps, seed = _check_settings(
+        steps, tolerance, max_accuracy_at_large_eps, seed, max_batches, equal_steps=False
     )
-    seed = check_int(seed, "seed")
     few, many = steps
     target = resolve_device(model, device)
-    if max_batches is not None:
-        check_int(max_batches, "max_batches", low=1)
     batches = list(
         itertools.islice(iterate_batches(loader, target, enabled=False, desc=""), max_batches)
     )
@@ -485,16 +504,9 @@ def exit_sanity_checks(
     eps = _positive(eps, "eps")
     step_factor = _positive(step_factor, "step_factor")
     restarts = check_int(restarts, "restarts", low=1)
-    counts = [check_int(s, f"steps[{i}]", low=1) for i, s in enumerate(steps)]
-    if len(counts) != 2 or not counts[0] <= counts[1]:
-        raise ValueError(f"`steps` must be two ints 0 < few <= many, got {steps!r}.")
-    tolerance = check_real(tolerance, "tolerance", low=0.0, high=1.0, high_open=True)
-    max_accuracy_at_large_eps = check_real(
-        max_accuracy_at_large_eps, "max_accuracy_at_large_eps", low=0.0, high=1.0
+    tolerance, max_accuracy_at_large_eps, seed = _check_settings(
+        steps, tolerance, max_accuracy_at_large_eps, seed, max_batches, equal_steps=True
     )
-    seed = check_int(seed, "seed")
-    if max_batches is not None:
-        check_int(max_batches, "max_batches", low=1)
     target_device = resolve_device(model, device)
     batches = list(
         itertools.islice(
