@@ -20,7 +20,13 @@ from neokd_losses.models.msdnet import (
     msdnet_tinyimagenet,
 )
 from neokd_losses.models.small_cnn import SmallCNN
-from neokd_losses.models.staged import StagedModel, is_staged, run_stages, run_until
+from neokd_losses.models.staged import (
+    StagedModel,
+    has_exit_split,
+    is_staged,
+    run_stages,
+    run_until,
+)
 
 __all__ = [
     "AttachedExits",
@@ -29,6 +35,7 @@ __all__ = [
     "SmallCNN",
     "StagedModel",
     "attach_exits",
+    "has_exit_split",
     "is_staged",
     "msdnet_cifar10",
     "msdnet_cifar100",

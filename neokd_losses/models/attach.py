@@ -262,24 +262,65 @@ class AttachedExits(nn.Module):
         direct children; otherwise reading it raises AttributeError, so that
         :func:`~neokd_losses.models.staged.is_staged` is False.
         """
+        self._require_stages()
+        return self._forward_stage
+
+    @property
+    def forward_block(self) -> Callable[[int, StageState], StageState]:
+        """Stage ``index``'s backbone children alone: ``(index, state) -> next state``.
+
+        Present exactly when :attr:`forward_stage` is; the exit head is
+        :attr:`forward_exit`.
+        """
+        self._require_stages()
+        return self._forward_block
+
+    @property
+    def forward_exit(self) -> Callable[[int, Tensor], Tensor]:
+        """Exit ``index``'s head on its layer's output: ``(index, features) -> logits``.
+
+        Present exactly when :attr:`forward_stage` is.
+        """
+        self._require_stages()
+        return self._forward_exit
+
+    def _require_stages(self) -> None:
         if self._stages is None:
             raise AttributeError(
                 "this AttachedExits has no stages: its backbone is not an nn.Sequential with "
                 "exits on direct children (see AttachedExits)."
             )
-        return self._forward_stage
 
-    def _forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
+    def _stage(self, index: int) -> tuple[int, tuple[str, ...]]:
         assert self._stages is not None
-        head, names = self._stages[index]
+        if (
+            isinstance(index, bool)
+            or not isinstance(index, int)
+            or not 0 <= index < len(self._stages)
+        ):
+            raise ValueError(
+                f"this AttachedExits has stages 0..{len(self._stages) - 1}, got index {index!r}."
+            )
+        return self._stages[index]
+
+    def _forward_block(self, index: int, state: StageState) -> StageState:
         modules = self.backbone._modules
-        for name in names:
+        for name in self._stage(index)[1]:
             module = modules[name]
             assert module is not None
             state = module(state)
+        return state
+
+    def _forward_exit(self, index: int, features: Tensor) -> Tensor:
+        head = self._stage(index)[0]
         if head >= 0:
-            return state, self.heads[head](state)
-        return state, self._check_output(state)
+            logits: Tensor = self.heads[head](features)
+            return logits
+        return self._check_output(features)
+
+    def _forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
+        state = self._forward_block(index, state)
+        return state, self._forward_exit(index, state)
 
     def _run_until(self, x: Tensor, exit_index: int) -> list[Tensor]:
         """Exits 0..``exit_index``; the backbone stops right after that exit's head."""

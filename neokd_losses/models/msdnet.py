@@ -380,11 +380,11 @@ class MSDNet(nn.Module):
             elif isinstance(module, nn.Linear):
                 nn.init.zeros_(module.bias)
 
-    def forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
-        """Stage ``index``: block ``index`` (after the stem for 0) and its exit head.
+    def forward_block(self, index: int, state: StageState) -> list[Tensor]:
+        """Block ``index`` (after the stem for 0): the feature maps of every scale it keeps.
 
-        Stage 0 takes the images (B, C, H, W) and checks them; later stages take the
-        list of feature maps the previous stage returned.
+        Block 0 takes the images (B, C, H, W) and checks them; later blocks take the list
+        of feature maps the previous block returned.
         """
         if not 0 <= index < self.num_blocks:
             raise ValueError(f"MSDNet has stages 0..{self.num_blocks - 1}, got index {index!r}.")
@@ -392,8 +392,23 @@ class MSDNet(nn.Module):
             check_image_input(state, self.in_channels, self.image_size, type(self).__name__)
             state = self.stem(state)
         features: list[Tensor] = self.blocks[index](state)
+        return features
+
+    def forward_exit(self, index: int, features: Sequence[Tensor]) -> Tensor:
+        """Exit ``index``'s logits from block ``index``'s feature maps (its coarsest scale)."""
+        if not 0 <= index < self.num_blocks:
+            raise ValueError(f"MSDNet has stages 0..{self.num_blocks - 1}, got index {index!r}.")
         logits: Tensor = self.heads[index](features[-1])
-        return features, logits
+        return logits
+
+    def forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
+        """Stage ``index``: block ``index`` (after the stem for 0) and its exit head.
+
+        Stage 0 takes the images (B, C, H, W) and checks them; later stages take the
+        list of feature maps the previous stage returned.
+        """
+        features = self.forward_block(index, state)
+        return features, self.forward_exit(index, features)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Logits of the E exits, earliest first; see the class docstring for shapes."""

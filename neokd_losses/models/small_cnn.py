@@ -126,25 +126,46 @@ class SmallCNN(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
 
-    def forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
-        """Stage ``index`` (0, 1, 2): the next block's features and the exit's logits.
+    def forward_block(self, index: int, state: StageState) -> Tensor:
+        """Block ``index`` (0, 1, 2) of the trunk: the features exit ``index`` reads.
 
-        Stage 0 takes the images (B, C, 28, 28) and checks them; the next state of stage
-        2 is its logits.
+        Block 0 takes the images (B, C, 28, 28) and checks them; block 2 ends with the
+        last exit's logits.
         """
         if index == 0:
             check_image_input(
                 state, self.in_channels, (_IMAGE_SIZE, _IMAGE_SIZE), type(self).__name__
             )
             h1: Tensor = self.block1(state)
-            return h1, self.exit1(h1)
+            return h1
         if index == 1:
             h2: Tensor = self.block2(state)
-            return h2, self.exit2(h2)
+            return h2
         if index == 2:
             z3: Tensor = self.block3(state)
-            return z3, z3
+            return z3
         raise ValueError(f"SmallCNN has stages 0, 1 and 2, got index {index!r}.")
+
+    def forward_exit(self, index: int, features: Tensor) -> Tensor:
+        """Exit ``index``'s logits from block ``index``'s features (block 2's are the logits)."""
+        if index == 0:
+            z1: Tensor = self.exit1(features)
+            return z1
+        if index == 1:
+            z2: Tensor = self.exit2(features)
+            return z2
+        if index == 2:
+            return features
+        raise ValueError(f"SmallCNN has stages 0, 1 and 2, got index {index!r}.")
+
+    def forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
+        """Stage ``index`` (0, 1, 2): block ``index``'s features and the exit's logits.
+
+        Stage 0 takes the images (B, C, 28, 28) and checks them; the next state of stage
+        2 is its logits.
+        """
+        features = self.forward_block(index, state)
+        return features, self.forward_exit(index, features)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Logits of the three exits, earliest first; see the class docstring for shapes."""

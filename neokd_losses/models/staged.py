@@ -23,6 +23,13 @@ A model implements the protocol with one attribute and one method::
         def forward(self, x):
             return run_stages(self, x)
 
+A staged model may also split each stage in two, when its exit head reads the next
+state: ``forward_block(index, state) -> next_state`` (the backbone part) and
+``forward_exit(index, next_state) -> logits`` (the head), with ``forward_stage`` their
+composition (:func:`has_exit_split`). Attacks then skip the heads of the exits they do
+not attack: a single-exit attack on exit k runs blocks 0..k and head k only.
+``SmallCNN``, ``MSDNet`` and staged ``attach_exits`` models split their stages.
+
 On top of the stages, :func:`run_until` computes exits 0..k and nothing deeper, and
 :class:`~neokd_losses.inference.EarlyExitClassifier` lets samples leave the batch at
 the first exit whose confidence reaches its threshold.
@@ -38,7 +45,14 @@ from torch.utils._pytree import tree_flatten
 
 from neokd_losses._validation import check_exit_index, check_int, is_compiling
 
-__all__ = ["StagedModel", "is_staged", "require_staged", "run_stages", "run_until"]
+__all__ = [
+    "StagedModel",
+    "has_exit_split",
+    "is_staged",
+    "require_staged",
+    "run_stages",
+    "run_until",
+]
 
 # What flows between stages: a tensor, or a tuple / list / dict of tensors, batch first.
 StageState = Any
@@ -106,6 +120,31 @@ def is_staged(model: object) -> bool:
         and not isinstance(num_exits, bool)
         and num_exits >= 1
         and callable(getattr(model, "forward_stage", None))
+    )
+
+
+def has_exit_split(model: object) -> bool:
+    """True when a staged model also splits its stages into blocks and exit heads.
+
+    That is: :func:`is_staged`, plus callable ``forward_block(index, state) ->
+    next_state`` and ``forward_exit(index, next_state) -> logits`` whose composition is
+    ``forward_stage``. The attacks use them to leave out the heads of exits they do not
+    attack (the batched max-average runs each block once on every row still going on,
+    and each head only on the rows of its own candidate).
+
+    Example:
+        >>> import torch
+        >>> from neokd_losses.models import SmallCNN
+        >>> model = SmallCNN().eval()
+        >>> x = torch.rand(2, 1, 28, 28)
+        >>> h = model.forward_block(0, x)
+        >>> has_exit_split(model), torch.equal(model.forward_exit(0, h), model(x)[0])
+        (True, True)
+    """
+    return (
+        is_staged(model)
+        and callable(getattr(model, "forward_block", None))
+        and callable(getattr(model, "forward_exit", None))
     )
 
 

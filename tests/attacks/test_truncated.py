@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from neokd_losses.attacks.pgd import MultiExitPGD
 from neokd_losses.functional import multi_exit_pgd
-from neokd_losses.models.staged import is_staged, run_stages
+from neokd_losses.models.staged import has_exit_split, is_staged, run_stages
 
 E, B, STEPS = 3, 4, 3
 
@@ -38,7 +38,8 @@ class CountingStaged(nn.Module):
             nn.Linear(12 if k == 0 else self.width, self.width) for k in range(num_exits)
         )
         self.heads = nn.ModuleList(nn.Linear(self.width, 5) for _ in range(num_exits))
-        self.rows: Counter[int] = Counter()  # stage -> rows run through it
+        self.rows: Counter[int] = Counter()  # stage -> rows run through its block
+        self.head_rows: Counter[int] = Counter()  # exit -> rows run through its head
         self.double()
 
     def _unpack(self, state):
@@ -55,7 +56,7 @@ class CountingStaged(nn.Module):
             return (h, acc)
         return {"h": h, "acc": acc}
 
-    def forward_stage(self, index: int, state):
+    def _block(self, index: int, state):
         if index == 0:
             previous = state.flatten(1)
             self.rows[0] += previous.shape[0]
@@ -66,10 +67,29 @@ class CountingStaged(nn.Module):
             self.rows[index] += previous.shape[0]
             h = torch.tanh(self.body[index](previous))
             acc = acc + h
-        return self._pack(h, acc), self.heads[index](acc)
+        return self._pack(h, acc)
+
+    def _exit(self, index: int, state):
+        acc = self._unpack(state)[1]
+        self.head_rows[index] += acc.shape[0]
+        return self.heads[index](acc)
+
+    def forward_stage(self, index: int, state):
+        state = self._block(index, state)
+        return state, self._exit(index, state)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return run_stages(self, x)
+
+
+class CountingSplit(CountingStaged):
+    """CountingStaged with its stages split into blocks and exit heads."""
+
+    def forward_block(self, index: int, state):
+        return self._block(index, state)
+
+    def forward_exit(self, index: int, state):
+        return self._exit(index, state)
 
 
 class Plain(nn.Module):
@@ -103,19 +123,32 @@ def _attack(model, x, y, norm="Linf", seed=5, **kwargs):
 
 
 def test_the_test_models():
-    staged = CountingStaged()
+    staged, split = CountingStaged(), CountingSplit()
     assert is_staged(staged) and not is_staged(Plain(staged))
+    assert has_exit_split(split) and not has_exit_split(staged)
+    x = _data()[0]
+    state = block = x
+    for index in range(E):  # the split composes to the same weights' forward_stage
+        state, logits = staged.forward_stage(index, state)
+        block = split.forward_block(index, block)
+        torch.testing.assert_close(split.forward_exit(index, block), logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 @pytest.mark.parametrize("exit_index", [0, 1, 2, -1])
-def test_single_mode_runs_no_stage_past_the_attacked_exit(exit_index, norm):
-    model = CountingStaged().eval()
+def test_single_mode_runs_no_stage_past_the_attacked_exit(exit_index, norm, split):
+    model = (CountingSplit if split else CountingStaged)().eval()
     x, y = _data()
     adv = _attack(model, x, y, norm, mode="single", exit_index=exit_index)
     k = exit_index % E
     assert set(model.rows) == set(range(k + 1))  # stages k+1.. never ran
     assert all(model.rows[s] == (STEPS) * B for s in range(k + 1))  # one forward per step
+    # Heads of the exits before k: every step without the split, only the first
+    # (validating) forward with it.
+    assert dict(model.head_rows) == {
+        s: (STEPS if s == k or not split else 1) * B for s in range(k + 1)
+    }
     model.rows.clear()
     reference = _attack(Plain(model), x, y, norm, mode="single", exit_index=exit_index)
     assert all(model.rows[s] == STEPS * B for s in range(E))  # the generic path runs all
@@ -134,14 +167,19 @@ def _max_average_rows(steps: int, batch: int) -> dict[int, int]:
     return {s: batch + steps * (E - s) * batch + E * batch for s in range(E)}
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("state_kind", ["tensor", "tuple", "dict"])
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 @pytest.mark.parametrize("max_batch", [None, 1, 2])
-def test_max_average_truncated_equals_generic(state_kind, norm, max_batch):
-    model = CountingStaged(state_kind).eval()
+def test_max_average_truncated_equals_generic(state_kind, norm, max_batch, split):
+    model = (CountingSplit if split else CountingStaged)(state_kind).eval()
     x, y = _data()
     adv = _attack(model, x, y, norm, max_batch=max_batch)
     assert dict(model.rows) == _max_average_rows(STEPS, B)
+    if split:  # head s reads the rows of candidate s only (plus the clean and scoring runs)
+        assert dict(model.head_rows) == {s: B + STEPS * B + E * B for s in range(E)}
+    else:  # without the split, the rows that go on through stage s run its head too
+        assert dict(model.head_rows) == _max_average_rows(STEPS, B)
     model.rows.clear()
     reference = _attack(Plain(model), x, y, norm, max_batch=max_batch)
     if max_batch is None:  # batched and untruncated: every row through every stage
@@ -222,6 +260,10 @@ def test_library_smallcnn_single_mode_skips_the_deeper_blocks():
     y = torch.tensor([3, 7])
     adv = _attack(model, x, y, mode="single", exit_index=0)
     assert calls == {"block1": STEPS, "exit1": STEPS}
+    calls.clear()
+    _attack(model, x, y, mode="single", exit_index=1)
+    # exit 1's head only in the first (validating) forward: later steps skip it.
+    assert calls == {"block1": STEPS, "exit1": 1, "block2": STEPS, "exit2": STEPS}
     torch.testing.assert_close(
         adv, _attack(Plain(model), x, y, mode="single", exit_index=0), rtol=0, atol=1e-12
     )

@@ -18,7 +18,7 @@ from neokd_losses.models import (
     run_stages,
     run_until,
 )
-from neokd_losses.models.staged import require_staged
+from neokd_losses.models.staged import has_exit_split, require_staged
 
 
 def _mini_msdnet() -> MSDNet:
@@ -219,6 +219,40 @@ def test_staged_protocol_membership() -> None:
     assert is_staged(SmallCNN()) and is_staged(_mini_msdnet())
     assert isinstance(SmallCNN(), StagedModel)
     assert not is_staged(nn.Linear(2, 2)) and not is_staged("model")
+
+
+@pytest.mark.parametrize("kind", ["small_cnn", "msdnet", "sequential", "sequential_output"])
+def test_split_stages_compose_to_forward_stage(kind: str) -> None:
+    # forward_block then forward_exit is forward_stage, bit for bit, on every stage.
+    model: nn.Module
+    if kind == "small_cnn":
+        model, x = SmallCNN(), torch.rand(3, 1, 28, 28)
+        nn.init.normal_(model.block3[-1].weight)  # type: ignore[index, arg-type]
+    elif kind == "msdnet":
+        model, x = _mini_msdnet(), torch.rand(3, 3, 32, 32)
+    else:
+        model = attach_exits(
+            _sequential(), ["3", "1"], 5, include_output=kind == "sequential_output"
+        )
+        x = torch.rand(3, 3, 8, 8)
+    model.eval()
+    assert has_exit_split(model)
+    state = block = x
+    for index in range(model.num_exits):  # type: ignore[arg-type]
+        state, logits = model.forward_stage(index, state)  # type: ignore[operator]
+        block = model.forward_block(index, block)  # type: ignore[operator]
+        assert torch.equal(model.forward_exit(index, block), logits)  # type: ignore[operator]
+    for method in (model.forward_block, model.forward_exit):
+        with pytest.raises(ValueError, match="stages"):
+            method(model.num_exits, block)  # type: ignore[operator]
+
+
+def test_unstaged_attached_exits_have_no_split() -> None:
+    model = attach_exits(_Chain(), ["b"], 5, example_input=torch.rand(1, 3, 8, 8))
+    assert not has_exit_split(model)
+    for name in ("forward_stage", "forward_block", "forward_exit"):
+        with pytest.raises(AttributeError):
+            getattr(model, name)
 
 
 # --- bad input ------------------------------------------------------------------------
