@@ -29,9 +29,12 @@ The 7-exit MSDNet for CIFAR-100 (3×32×32, 3,067,960 parameters), B = ``--msd-b
     adversarial forwards in training mode, ``NEOKDLoss`` and the backward pass): time
     with the generic attack and with the truncated one.
 
-On CPU with glibc, buffers above malloc's mmap threshold (at most 32 MiB) go back to the
-system when freed and are page-faulted in again at the next step; the batched path's
-larger buffers pay this more (about 20 % in (b) at B = 128). Set
+On CPU with glibc, large freed buffers go back to the system (above malloc's mmap
+threshold, at most 32 MiB, or when the free top of the heap exceeds the trim threshold)
+and are page-faulted in again at the next step; the batched path, which holds every
+candidate's activations until its one backward pass (1.9 times the peak memory), pays
+this more (in (b) at B = 128 on the development machine: 1.25 with glibc's defaults,
+1.02 with the settings below). Set
 ``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` (or use
 jemalloc / tcmalloc) to time the computation alone; the header says which was used.
 
