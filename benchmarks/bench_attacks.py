@@ -32,9 +32,10 @@ The 7-exit MSDNet for CIFAR-100 (3×32×32, 3,067,960 parameters), B = ``--msd-b
 On CPU with glibc, large freed buffers go back to the system (above malloc's mmap
 threshold, at most 32 MiB, or when the free top of the heap exceeds the trim threshold)
 and are page-faulted in again at the next step; the batched path, which holds every
-candidate's activations until its one backward pass (1.9 times the peak memory), pays
-this more (in (b) at B = 128 on the development machine: 1.25 with glibc's defaults,
-1.02 with the settings below). Set
+candidate's activations until its one backward pass (1.6-1.9 times the peak memory),
+pays this more. (b) prints the system time and minor page faults of both paths: on the
+development machine at B = 128, runs with about 200,000 faults per batched attack gave
+1.25-1.31, runs without 1.09. Set
 ``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000`` (or use
 jemalloc / tcmalloc) to time the computation alone; the header says which was used.
 
