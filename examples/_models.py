@@ -7,7 +7,7 @@ step is ``(x - mean) / std``, so attacks keep working in pixel space.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +116,23 @@ class NormalizedStaged(Normalized):
         if index == 0:
             state = self._normalize(state)  # type: ignore[arg-type]
         return self.model.forward_stage(index, state)  # type: ignore[no-any-return,operator]
+
+    # The split stages (forward_block / forward_exit) exist exactly when the wrapped
+    # model has them, so that the attacks skip unread exit heads of an MSDNet too.
+    @property
+    def forward_block(self) -> Callable[[int, object], object]:
+        inner = self.model.forward_block  # AttributeError when the model has no split
+
+        def block(index: int, state: object) -> object:
+            if index == 0:
+                state = self._normalize(state)  # type: ignore[arg-type]
+            return inner(index, state)
+
+        return block
+
+    @property
+    def forward_exit(self) -> Callable[[int, object], Tensor]:
+        return self.model.forward_exit  # type: ignore[no-any-return]
 
 
 def build_model(

@@ -32,6 +32,34 @@ def test_digits_cnn_is_staged_and_its_forward_is_unchanged() -> None:
     assert type(unstaged) is Normalized or is_staged(unstaged)
 
 
+def test_normalized_staged_forwards_the_split_stages_of_the_model_it_wraps() -> None:
+    # MSDNet splits its stages, so the wrapper does (with the normalization in block 0);
+    # DigitsCNN does not, so neither does its wrapper. Attacks agree with the plain path.
+    from neokd_losses.attacks import MultiExitPGD
+    from neokd_losses.models import MSDNet, has_exit_split
+
+    torch.manual_seed(0)
+    inner = MSDNet(num_classes=5, num_blocks=3, base=2, step=1, num_channels=8).double().eval()
+    wrapped = NormalizedStaged(inner, [0.5] * 3, [0.25] * 3)
+    assert has_exit_split(wrapped) and not has_exit_split(
+        NormalizedStaged(DigitsCNN(), [0.5], [0.25])
+    )
+    x, y = torch.rand(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1, 4])
+    state = block = x
+    for index in range(3):
+        state, logits = wrapped.forward_stage(index, state)
+        block = wrapped.forward_block(index, block)
+        assert torch.equal(wrapped.forward_exit(index, block), logits)
+    plain = Normalized(inner, [0.5] * 3, [0.25] * 3)
+    runs = [
+        MultiExitPGD(
+            net, eps=0.05, alpha=0.02, steps=2, generator=torch.Generator().manual_seed(1)
+        )(x, y)
+        for net in (wrapped, plain)
+    ]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=1e-12)
+
+
 def test_early_exit_timing_matches_the_simulated_budgeted_accuracy() -> None:
     torch.manual_seed(0)
     model = DigitsCNN().eval()
