@@ -129,8 +129,8 @@ def has_exit_split(model: object) -> bool:
     That is: :func:`is_staged`, plus callable ``forward_block(index, state) ->
     next_state`` and ``forward_exit(index, next_state) -> logits`` whose composition is
     ``forward_stage``. The attacks use them to leave out the heads of exits they do not
-    attack (the batched max-average runs each block once on every row still going on,
-    and each head only on the rows of its own candidate).
+    attack (a single-exit attack on exit k runs head k only; in the batched max-average,
+    head s reads the rows of candidate s only).
 
     Example:
         >>> import torch
