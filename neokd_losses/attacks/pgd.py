@@ -1,33 +1,20 @@
 """``MultiExitPGD``: the single, average and max-average PGD attacks as a torchattacks attack.
 
 The algorithm is :func:`neokd_losses.functional.multi_exit_pgd` (in ``_pgd_core``); this
-module is its ``torchattacks.Attack`` adapter and holds every torchattacks convention:
-normalization (``set_normalization_used``), model-mode control, the targeted modes,
-``save()`` and ``MultiAttack`` (through a final-exit ``ExitView`` as ``atk.model``).
+module is its ``torchattacks.Attack`` adapter. The torchattacks conventions it shares with
+the other multi-exit attacks (normalization, model-mode control, ``save()`` and
+``MultiAttack`` through a final-exit ``ExitView`` as ``atk.model``) live in
+``_adapter.MultiExitAttack``; the targeted modes are this attack's own.
 The model returns a sequence of E logits tensors (B, K); losses are computed from logits.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import weakref
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 from torch import Tensor, nn
-from torchattacks.attack import Attack
 
-from neokd_losses._validation import (
-    RANGE_TOLERANCE,
-    ExitWeights,
-    check_image_kind,
-    check_image_range,
-    first_device,
-    module_device,
-    preserved_modes,
-)
+from neokd_losses._validation import ExitWeights, check_image_kind, module_device
+from neokd_losses.attacks._adapter import MultiExitAttack
 from neokd_losses.attacks._pgd_core import (
     AttackMode,
     PGDConfig,
@@ -36,26 +23,11 @@ from neokd_losses.attacks._pgd_core import (
     check_pgd_args,
     run_pgd,
 )
-from neokd_losses.attacks.exit_view import ExitView, as_exit_list
 
 __all__ = ["AttackMode", "MultiExitPGD", "ThreatModel"]
 
-# One final-exit view per model, shared by every MultiExitPGD built on it, so that
-# `torchattacks.MultiAttack`, which requires all its attacks to hold the same `model`
-# object, accepts several MultiExitPGD on one network. Values are weak: an entry lives as
-# long as some attack holds its view.
-_FINAL_VIEWS: weakref.WeakValueDictionary[int, ExitView] = weakref.WeakValueDictionary()
 
-
-def _final_exit_view(model: nn.Module) -> ExitView:
-    view = _FINAL_VIEWS.get(id(model))
-    if view is None or view.model is not model or view.exit_index != -1:
-        view = ExitView(model, -1)
-        _FINAL_VIEWS[id(model)] = view
-    return view
-
-
-class MultiExitPGD(Attack):  # type: ignore[misc]
+class MultiExitPGD(MultiExitAttack):
     r"""PGD against a multi-exit network: single, average or max-average attack.
 
     Projected gradient ascent (Madry et al., 2018) with the losses of Triple Wins
@@ -168,8 +140,6 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         MultiExitPGD(model_name=TwoExits, device=cpu, attack_mode=default, targeted=False, normalization_used=False, eps=0.5, alpha=0.00784313725490196, steps=3, random_start=True, mode=single, exit_index=-1, exit_weights=None, norm=L2, max_batch=None)
     """
 
-    _exit_model: nn.Module
-
     def __init__(
         self,
         model: nn.Module,
@@ -196,13 +166,7 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
             max_batch=max_batch,
             generator=generator,
         )
-        # torchattacks reads the device from the first parameter and prints "Failed to set
-        # device automatically" without one; this attack reads the model's device (a
-        # parameter's or a buffer's) at call time, so that message would be wrong.
-        quiet = isinstance(model, nn.Module) and next(model.parameters(), None) is None
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            super().__init__("MultiExitPGD", model)
-        self.device = first_device(self._exit_model)
+        super().__init__("MultiExitPGD", model)
         # The hyper-parameters are public attributes, as in every torchattacks attack
         # (users may change them between calls); each call reads them into a PGDConfig.
         self.eps = config.eps
@@ -215,131 +179,9 @@ class MultiExitPGD(Attack):  # type: ignore[misc]
         self.norm: ThreatModel = config.norm
         self.max_batch = config.max_batch
         self._generator = config.generator
-        self._outputs_on_model_device = False
         self.supported_mode = ["default", "targeted"]
 
     # ------------------------------------------------------------------ torchattacks API
-
-    def set_model(self, model: nn.Module) -> None:
-        """Attack ``model``; ``self.model`` becomes its final-exit ``ExitView``.
-
-        Overrides torchattacks' version: the multi-exit network is kept apart and
-        ``self.model`` is a single-output view, so that the base class's methods that read
-        one logits tensor (``get_logits``, ``save``, the targeted modes, ``MultiAttack``)
-        work on the final exit (or on the exit of an ``ExitView`` passed as ``model``).
-        """
-        if isinstance(model, ExitView):
-            view, network = model, model.model
-        elif isinstance(model, nn.Module):
-            view, network = _final_exit_view(model), model
-        else:
-            raise TypeError(
-                f"`model` must be an nn.Module returning a list of exit logits, "
-                f"got {type(model).__name__}."
-            )
-        self._exit_model = network
-        self.model = view
-        self.model_name = type(network).__name__
-
-    def get_exit_logits(self, inputs: Tensor) -> list[Tensor]:
-        """Logits of every exit of the attacked model, as the attack sees them.
-
-        Mirrors torchattacks' ``get_logits``: when ``set_normalization_used`` is active
-        the normalization is applied inside an attack call (inputs in [0, 1]) and not
-        outside one (inputs already normalized). Gradients are kept; wrap in
-        ``torch.no_grad()`` for evaluation. The model's mode is not changed.
-
-        Args:
-            inputs: a batch for the model, (B, ...).
-
-        Returns:
-            A list of E tensors (B, K), in the model's output dtype.
-
-        Raises:
-            TypeError: if the model returns a single tensor or not a list of tensors.
-        """
-        if self._normalization_applied is False:
-            inputs = self.normalize(inputs).to(inputs.dtype)
-        return as_exit_list(self._exit_model(inputs), self.model_name)
-
-    @torch.no_grad()
-    def get_output_with_eval_nograd(self, inputs: Tensor) -> Tensor:
-        """Final-exit logits in eval mode without gradients; every module's mode restored."""
-        with preserved_modes(self._exit_model):
-            self.model.eval()
-            logits: Tensor = self.get_logits(inputs)
-        return logits
-
-    def save(self, *args: Any, **kwargs: Any) -> Any:
-        """torchattacks' ``save`` (accuracy read at the final exit), modes restored.
-
-        While it runs, the adversarial batches stay on the model's device, as
-        torchattacks' own attacks return them, so that a model on a GPU works with a data
-        loader that yields CPU tensors (torchattacks evaluates them on ``self.device``).
-        """
-        self.device = first_device(self._exit_model)
-        self._outputs_on_model_device = True
-        try:
-            with preserved_modes(self._exit_model):
-                return super().save(*args, **kwargs)
-        finally:
-            self._outputs_on_model_device = False
-
-    def set_normalization_used(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        """The model takes inputs normalized per channel as ``(x - mean) / std``.
-
-        Raises:
-            TypeError: if ``mean`` or ``std`` is not a sequence of numbers.
-            ValueError: if they are empty, differ in length, or ``std`` holds a zero.
-        """
-        values = []
-        for name, given in (("mean", mean), ("std", std)):
-            try:
-                values.append(torch.as_tensor(given, dtype=torch.float64).flatten())
-            except (TypeError, ValueError, RuntimeError) as err:
-                raise TypeError(
-                    f"`{name}` must be a sequence of numbers (one per channel), "
-                    f"got {type(given).__name__}."
-                ) from err
-        if values[0].numel() == 0 or values[0].numel() != values[1].numel():
-            raise ValueError(
-                f"`mean` and `std` must hold one value per image channel, the same number: "
-                f"got {values[0].numel()} means and {values[1].numel()} stds."
-            )
-        if bool((values[1] == 0).any()):
-            raise ValueError(f"`std` must be non-zero, got {values[1].tolist()}.")
-        super().set_normalization_used(list(mean), list(std))
-
-    def _check_channels(self, inputs: Tensor) -> None:
-        """ValueError unless the normalization's mean / std match the images' channels."""
-        count = int(self.normalization_used["mean"].numel())
-        if inputs.dim() != 4 or count not in (1, inputs.shape[1]):
-            channels = "C" if count == 1 else str(count)
-            raise ValueError(
-                f"set_normalization_used was given {count} means / stds (one per channel), "
-                f"so the images must be (B, {channels}, H, W), got shape "
-                f"{tuple(inputs.shape)}. Pass one mean and std per channel of the images."
-            )
-
-    def __call__(self, inputs: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Adversarial images for ``inputs`` (in [0, 1], or normalized, see the class)."""
-        with preserved_modes(self._exit_model):
-            self._change_model_mode(self._exit_model.training)
-            if self._normalization_applied is not True:
-                adv: Tensor = self.forward(inputs, labels)
-                return adv
-            check_image_kind(inputs)
-            self._check_channels(inputs)
-            images = self.inverse_normalize(inputs).to(inputs.dtype)
-            check_image_range(images, RANGE_TOLERANCE, normalized=True)
-            images = images.clamp(0, 1)
-            self._set_normalization_applied(False)
-            try:
-                adv = self.forward(images, labels)
-            finally:
-                self._set_normalization_applied(True)
-            normalized: Tensor = self.normalize(adv).to(inputs.dtype)
-            return normalized
 
     def forward(self, images: Tensor, labels: Tensor | None) -> Tensor:
         """Run the attack on images in [0, 1]; see the class docstring."""
