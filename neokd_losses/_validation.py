@@ -31,7 +31,9 @@ __all__ = [
     "as_exit_weights",
     "check_bool",
     "check_coefficient",
+    "check_costs",
     "check_exit_index",
+    "check_exit_vector",
     "check_generator",
     "check_image_input",
     "check_image_kind",
@@ -246,6 +248,89 @@ def check_targets(
                 f"`{name}` must lie in [0, {num_classes}) for K = {num_classes} classes, "
                 f"got values in [{low}, {high}]."
             )
+
+
+def check_exit_vector(
+    values: object,
+    length: int,
+    name: str,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    finite_non_negative: bool = False,
+) -> Tensor:
+    """``values``, one real number per exit (a sequence or a 1-D tensor), as a (E,) tensor.
+
+    NaN is refused; with ``finite_non_negative``, ±inf and negative values too (costs,
+    proportions). Without it ±inf passes (thresholds: -inf lets every sample leave).
+
+    Args:
+        values: the E numbers.
+        length: E.
+        name: the argument's name, used in error messages.
+        dtype, device: of the result (``device=None``: a tensor stays where it is, a
+            sequence goes to the default device).
+        finite_non_negative: also refuse ±inf and negative values.
+
+    Raises:
+        TypeError: if ``values`` is not a sequence of real numbers or a real tensor.
+        ValueError: if it is not (E,), holds NaN, or (``finite_non_negative``) an
+            infinite or negative value.
+
+    Example:
+        >>> check_exit_vector([0.9, float("-inf")], 2, "thresholds")
+        tensor([0.9000,   -inf], dtype=torch.float64)
+    """
+    if isinstance(values, Tensor):
+        if values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"`{name}` must hold real numbers, got a {values.dtype} tensor.")
+        vector = values.detach().to(device=device, dtype=dtype)
+    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
+        numbers = []
+        for i, value in enumerate(values):
+            try:
+                numbers.append(check_real(value, f"{name}[{i}]", finite=False))
+            except TypeError as err:
+                raise TypeError(f"{err} `{name}` must be a sequence of real numbers.") from None
+        vector = torch.tensor(numbers, dtype=dtype, device=device)
+    else:
+        raise TypeError(
+            f"`{name}` must be a sequence of E numbers or a 1-D tensor (one per exit, "
+            f"E = {length}), got {_describe(values)}."
+        )
+    if vector.shape != (length,):
+        raise ValueError(
+            f"`{name}` must have one entry per exit, shape ({length},) for a model with "
+            f"{length} exits, got shape {tuple(vector.shape)}."
+        )
+    if finite_non_negative:
+        if not bool(torch.isfinite(vector).all()) or bool((vector < 0).any()):
+            raise ValueError(f"`{name}` must be finite and non-negative, got {vector.tolist()}.")
+    elif bool(torch.isnan(vector).any()):
+        raise ValueError(f"`{name}` must not hold NaN, got {vector.tolist()}.")
+    return vector
+
+
+def check_costs(costs: object, length: int, *, device: torch.device | str | None = None) -> Tensor:
+    """The cumulative exit costs: E finite, non-negative, non-decreasing numbers (float64).
+
+    Raises:
+        TypeError, ValueError: as :func:`check_exit_vector`; ValueError also when the
+            costs decrease from one exit to the next.
+
+    Example:
+        >>> check_costs([1, 3, 6], 3)
+        tensor([1., 3., 6.], dtype=torch.float64)
+    """
+    cost = check_exit_vector(costs, length, "costs", device=device, finite_non_negative=True)
+    if bool((cost[1:] < cost[:-1]).any()):
+        raise ValueError(
+            "`costs` must be cumulative, so non-decreasing from the first exit to the last "
+            f"(exit k's cost includes everything computed before it), got {cost.tolist()}. "
+            "Pass the cost of computing exits 1..k for exit k, e.g. from exit_costs(model, x) "
+            "or stage_costs(model, x), not the cost of exit k's own layers."
+        )
+    return cost
 
 
 def as_exit_weights(

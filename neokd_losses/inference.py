@@ -27,7 +27,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from neokd_losses._validation import check_bool, is_compiling, upcast
+from neokd_losses._validation import (
+    check_bool,
+    check_costs,
+    check_exit_vector,
+    is_compiling,
+    upcast,
+)
 from neokd_losses.models.staged import (
     StagedModel,
     StageState,
@@ -68,45 +74,6 @@ class EarlyExitOutput(NamedTuple):
     exit_index: Tensor
     confidence: Tensor
     cost: Tensor | None
-
-
-def _as_vector(values: object, length: int, name: str) -> Tensor:
-    """E real numbers (a sequence or a 1-D tensor) as a float64 CPU tensor; NaN refused."""
-    if isinstance(values, Tensor):
-        if values.is_complex() or values.dtype == torch.bool:
-            raise TypeError(f"`{name}` must hold real numbers, got a {values.dtype} tensor.")
-        vector = values.detach().to(device="cpu", dtype=torch.float64)
-    elif isinstance(values, Sequence) and not isinstance(values, str | bytes):
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int | float)]
-        bad = [v for v in bad if not (isinstance(v, Tensor) and v.numel() == 1)]
-        if bad:
-            raise TypeError(f"`{name}` must be a sequence of real numbers, got {values!r}.")
-        vector = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    else:
-        raise TypeError(
-            f"`{name}` must be a sequence of {length} numbers or a 1-D tensor (one per exit), "
-            f"got {type(values).__name__}."
-        )
-    if vector.shape != (length,):
-        raise ValueError(
-            f"`{name}` must have one entry per exit, shape ({length},) for a model with "
-            f"{length} exits, got shape {tuple(vector.shape)}."
-        )
-    if bool(torch.isnan(vector).any()):
-        raise ValueError(f"`{name}` must not hold NaN, got {vector.tolist()}.")
-    return vector
-
-
-def _as_costs(values: object, length: int) -> Tensor:
-    costs = _as_vector(values, length, "costs")
-    if not bool(torch.isfinite(costs).all()) or bool((costs < 0).any()):
-        raise ValueError(f"`costs` must be finite and non-negative, got {costs.tolist()}.")
-    if bool((costs[1:] < costs[:-1]).any()):
-        raise ValueError(
-            f"`costs` must be cumulative (non-decreasing: reaching exit k includes every "
-            f"earlier exit), got {costs.tolist()}; see exit_costs or stage_costs."
-        )
-    return costs
 
 
 _BATCH_DEPENDENT = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._NormBase)
@@ -223,10 +190,12 @@ class EarlyExitClassifier(nn.Module):
         self.num_exits: int = staged.num_exits
         self.model = model
         self.ensemble = check_bool(ensemble, "ensemble")
-        self.register_buffer("thresholds", _as_vector(thresholds, self.num_exits, "thresholds"))
+        self.register_buffer(
+            "thresholds", check_exit_vector(thresholds, self.num_exits, "thresholds", device="cpu")
+        )
         self.has_costs = costs is not None
         values = (
-            _as_costs(costs, self.num_exits)
+            check_costs(costs, self.num_exits, device="cpu")
             if costs is not None
             else torch.full((self.num_exits,), math.nan, dtype=torch.float64)
         )

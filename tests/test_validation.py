@@ -889,3 +889,23 @@ def test_a_stacked_output_never_suggests_a_single_output_attack() -> None:
     with pytest.raises(TypeError) as info:
         MultiExitPGD(_Returns("stacked"), eps=0.1, alpha=0.1, steps=1)(_images(), _targets())
     assert "single-output" not in str(info.value) and "torchattacks.PGD" not in str(info.value)
+
+
+def test_check_exit_vector_and_check_costs() -> None:
+    t = V.check_exit_vector([0.5, -math.inf], 2, "thresholds", dtype=torch.float32)
+    assert t.dtype == torch.float32 and t.tolist() == [0.5, -math.inf]
+    assert V.check_exit_vector(torch.tensor([1, 2]), 2, "costs").dtype == torch.float64
+    for bad, kwargs, error, match in [
+        ("0.5", {}, TypeError, r"sequence of E numbers or a 1-D tensor.*got str"),
+        ([0.5, True], {}, TypeError, r"`thresholds\[1\]` must be a real number.*real numbers"),
+        (torch.tensor([True, False]), {}, TypeError, "must hold real numbers"),
+        ([0.5], {}, ValueError, r"shape \(2,\) for a model with 2 exits, got shape \(1,\)"),
+        ([0.5, math.nan], {}, ValueError, "must not hold NaN"),
+        ([0.5, math.inf], {"finite_non_negative": True}, ValueError, "finite and non-negative"),
+        ([0.5, -1.0], {"finite_non_negative": True}, ValueError, "finite and non-negative"),
+    ]:
+        with pytest.raises(error, match=match):
+            V.check_exit_vector(bad, 2, "thresholds", **kwargs)
+    assert V.check_costs([1, 1, 4], 3).tolist() == [1.0, 1.0, 4.0]
+    with pytest.raises(ValueError, match=r"cumulative, so non-decreasing.*\[3\.0, 2\.0\]"):
+        V.check_costs([3, 2], 2)

@@ -45,6 +45,8 @@ from torch import Tensor, nn
 from neokd_losses._exits import stack_exits
 from neokd_losses._validation import (
     check_bool,
+    check_costs,
+    check_exit_vector,
     check_int,
     check_positive_int,
     check_real,
@@ -106,22 +108,11 @@ def _stack(logits: StackedLogits, name: str) -> Tensor:
     return stack_exits(logits, name=name)
 
 
-def _as_costs(costs: Numbers, length: int, device: torch.device) -> Tensor:
-    """Validate the cumulative exit costs: E finite, non-negative, non-decreasing numbers."""
-    cost = _as_vector(costs, length, "costs", device)
-    if bool((cost[1:] < cost[:-1]).any()):
-        raise ValueError(
-            "`costs` must be cumulative, so non-decreasing from the first exit to the last "
-            f"(exit k's cost includes everything computed before it), got {cost.tolist()}. "
-            "Pass the cost of computing exits 1..k for exit k, e.g. from exit_costs(model, x), "
-            "not the cost of exit k's own layers."
-        )
-    return cost
-
-
 def _as_proportions(proportions: Numbers, length: int) -> Tensor:
     """Validate E non-negative proportions that sum to 1 (within 1e-6)."""
-    q = _as_vector(proportions, length, "proportions", torch.device("cpu"))
+    q = check_exit_vector(
+        proportions, length, "proportions", device="cpu", finite_non_negative=True
+    )
     total = float(q.sum())
     if abs(total - 1.0) > 1e-6:
         raise ValueError(
@@ -130,26 +121,6 @@ def _as_proportions(proportions: Numbers, length: int) -> Tensor:
             "exit_proportions(p, E)."
         )
     return q
-
-
-def _as_vector(values: Numbers, length: int, name: str, device: torch.device) -> Tensor:
-    """Validate E finite non-negative numbers and return them as float64 (E,) on device."""
-    if isinstance(values, Tensor):
-        vector = values.detach().to(device=device, dtype=torch.float64)
-    elif isinstance(values, Sequence) and not isinstance(values, (str, bytes)):
-        numbers = [check_real(v, f"{name}[{i}]", finite=False) for i, v in enumerate(values)]
-        vector = torch.tensor(numbers, dtype=torch.float64, device=device)
-    else:
-        raise TypeError(
-            f"`{name}` must be a sequence of E numbers or a 1-D tensor, got {type(values).__name__}."
-        )
-    if vector.shape != (length,):
-        raise ValueError(
-            f"`{name}` must have one entry per exit, shape ({length},), got {tuple(vector.shape)}."
-        )
-    if not bool(torch.isfinite(vector).all()) or bool((vector < 0).any()):
-        raise ValueError(f"`{name}` must be finite and non-negative, got {vector.tolist()}.")
-    return vector
 
 
 def _floor_count(value: float) -> int:
@@ -311,24 +282,13 @@ def exit_assignment(
 
 
 def _as_thresholds(thresholds: Numbers | Tensor, confidence: Tensor) -> Tensor:
-    if isinstance(thresholds, Tensor):
-        t = thresholds.detach().to(device=confidence.device, dtype=confidence.dtype)
-    elif isinstance(thresholds, Sequence) and not isinstance(thresholds, (str, bytes)):
-        values = [check_real(v, f"thresholds[{i}]", finite=False) for i, v in enumerate(thresholds)]
-        t = torch.tensor(values, dtype=confidence.dtype, device=confidence.device)
-    else:
-        raise TypeError(
-            f"`thresholds` must be a sequence of E numbers or a 1-D tensor (one per exit), "
-            f"got {type(thresholds).__name__} {thresholds!r}."
-        )
-    if t.shape != confidence.shape[:1]:
-        raise ValueError(
-            f"`thresholds` must have one entry per exit, shape ({confidence.shape[0]},), got "
-            f"{tuple(t.shape)}."
-        )
-    if bool(torch.isnan(t).any()):
-        raise ValueError(f"`thresholds` must not hold NaN, got {t.tolist()}.")
-    return t
+    return check_exit_vector(
+        thresholds,
+        confidence.shape[0],
+        "thresholds",
+        dtype=confidence.dtype,
+        device=confidence.device,
+    )
 
 
 def _assign(confidence: Tensor, thresholds: Tensor) -> Tensor:
@@ -387,7 +347,7 @@ def budgeted_accuracy(
     if num_samples == 0:
         raise ValueError("`test_logits` must hold at least one sample, got N = 0.")
     check_targets(test_targets, num_samples, num_classes, name="test_targets")
-    cost = _as_costs(costs, num_exits, logits.device)
+    cost = check_costs(costs, num_exits, device=logits.device)
     confidence, prediction = _confidence(logits, check_bool(ensemble, "ensemble"))
     exits = _assign(confidence, _as_thresholds(thresholds, confidence))  # (N,)
     chosen = prediction.gather(0, exits[None]).squeeze(0)
@@ -516,7 +476,7 @@ def budget_curve(
     if val.shape[1] == 0:
         raise ValueError("`val_logits` must hold at least one sample, got N_val = 0.")
     check_targets(val_targets, val.shape[1], val.shape[2], name="val_targets")
-    cost = _as_costs(costs, num_exits, torch.device("cpu"))
+    cost = check_costs(costs, num_exits, device="cpu")
     use_ensemble = check_bool(ensemble, "ensemble")
     test_confidence, _ = _confidence(test, use_ensemble)
     center = (num_points + 1) / 2
