@@ -14,8 +14,11 @@ The 3-exit SmallCNN (MNIST, 1×28×28, 836,846 parameters), B = 128, 10 PGD step
     counted with the formulas of ``torch.utils.flop_counter``), which are equal, beside
     those of the generic (untruncated) batched path; the peak memory of both (CUDA:
     ``torch.cuda.max_memory_allocated``; CPU: the peak rise of the resident set size,
-    sampled every 0.5 ms, of a fresh process running that one attack); and the time
-    ratio at the small batch sizes of ``--small-batches``.
+    sampled every 0.5 ms, of a fresh process running that one attack); the time
+    ratio at the small batch sizes of ``--small-batches``; and, at the batch sizes of
+    ``--step-batches``, where the batched path's extra time goes: one gradient of all
+    E candidates (forward and backward, no PGD step) as the batched path computes it,
+    with the one-at-a-time calls but one backward pass, and one backward per candidate.
 (c) ``mode="average"`` vs a naive PGD loop that sums the per-exit cross-entropies in
     Python: time ratio, target <= 1.05.
 
@@ -44,7 +47,8 @@ SmallCNN and MSDNet implement the staged-model protocol (``neokd_losses.models.s
 where said) of ``--repeats`` runs after a warm-up, the attacks taking turns.
 
     python benchmarks/bench_attacks.py [--device cuda] [--repeats 5] [--batch 128]
-        [--small-batches 1,4,16] [--msd-batch 32] [--sections abcde]
+        [--small-batches 1,4,16] [--step-batches 128,32] [--msd-batch 32]
+        [--sections abcde]
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from torch.utils.flop_counter import flop_registry
 
 from neokd_losses import NEOKDLoss
 from neokd_losses.attacks import ExitView, MultiExitPGD
+from neokd_losses.attacks._pgd_core import ExitForward
 from neokd_losses.functional import multi_exit_pgd
 from neokd_losses.models.msdnet import msdnet_cifar100
 from neokd_losses.models.small_cnn import SmallCNN
@@ -254,6 +259,56 @@ def small_batch_ratios(
     return ratios
 
 
+def step_decomposition(
+    model: nn.Module, sizes: list[int], repeats: int, device: torch.device
+) -> dict[int, dict[str, float]]:
+    """Median time (s) of one max-average gradient (forward and backward, all E candidates)
+    three ways, per B: where the batched path's extra time goes.
+
+    ``batched``: the library's step (:meth:`ExitForward.candidate_losses` on the E·B rows,
+    rows of several candidates merged in one call per block, one backward pass);
+    ``one_backward``: the same per-candidate calls as one at a time
+    (:meth:`ExitForward.exit_loss` on each candidate's B rows) but one backward pass for
+    all; ``per_candidate``: one backward pass per candidate, as ``max_batch=1`` does.
+    """
+    fwd = ExitForward(as_staged(model))
+    exits = int(getattr(model, "num_exits"))  # noqa: B009
+    results = {}
+    for size in sizes:
+        images, labels = data(size, device)
+        x = images.repeat(exits, 1, 1, 1)
+        y = labels.repeat(exits)
+
+        def batched(x: Tensor = x, y: Tensor = y) -> Tensor:
+            leaf = x.detach().requires_grad_(True)
+            return torch.autograd.grad(fwd.candidate_losses(leaf, y, 0, exits).sum(), leaf)[0]
+
+        def one_backward(x: Tensor = x, y: Tensor = y) -> Tensor:
+            leaf = x.detach().requires_grad_(True)
+            parts, ys = leaf.chunk(exits), y.chunk(exits)
+            loss = torch.cat([fwd.exit_loss(parts[i], ys[i], i) for i in range(exits)])
+            return torch.autograd.grad(loss.sum(), leaf)[0]
+
+        def per_candidate(x: Tensor = x, y: Tensor = y) -> Tensor:
+            grads = []
+            for i, (part, yi) in enumerate(zip(x.chunk(exits), y.chunk(exits), strict=True)):
+                leaf = part.detach().requires_grad_(True)
+                grads.append(torch.autograd.grad(fwd.exit_loss(leaf, yi, i).sum(), leaf)[0])
+            return torch.cat(grads)
+
+        fns: dict[str, Callable[[], object]] = {
+            "batched": batched,
+            "one_backward": one_backward,
+            "per_candidate": per_candidate,
+        }
+        reference = per_candidate()
+        for name in ("batched", "one_backward"):  # the same gradient, three ways
+            torch.testing.assert_close(fns[name](), reference, rtol=1e-4, atol=1e-5, msg=name)
+        times = timed_all(fns, repeats, device)
+        results[size] = {name: statistics.median(values) for name, values in times.items()}
+    return results
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -389,6 +444,11 @@ def main() -> None:
         default="1,4,16",
         help="comma-separated batch sizes for the small-batch (b) ratios ('' for none)",
     )
+    parser.add_argument(
+        "--step-batches",
+        default="128,32",
+        help="comma-separated B for the (b) one-step decomposition ('' for none)",
+    )
     parser.add_argument("--msd-batch", type=int, default=32, help="B of (d) and (e); 0 skips")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument(
@@ -450,6 +510,8 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     }
     sizes = [int(v) for v in args.small_batches.split(",") if v.strip()]
     small = small_batch_ratios(model, sizes, args.repeats, device)
+    step_sizes = [int(v) for v in args.step_batches.split(",") if v.strip()]
+    steps = step_decomposition(model, step_sizes, 3 * args.repeats, device)
     best_cpu = {name: min(values) for name, values in cpu.items()}
     print(
         f"(a) single(exit -1) / torchattacks.PGD(ExitView):  {ratio_a:.3f}  (target <= 1.05); "
@@ -486,6 +548,15 @@ def smallcnn_section(args: argparse.Namespace, device: torch.device) -> None:
     )
     for size, ratio in small.items():
         print(f"    time ratio at B = {size}: {ratio:.3f}")
+    for size, step in steps.items():
+        base = step["per_candidate"]
+        print(
+            f"    one gradient of all candidates at B = {size} (median of "
+            f"{3 * args.repeats}): batched {step['batched'] * 1000:.1f} ms, the same calls "
+            f"as one at a time with one backward {step['one_backward'] * 1000:.1f} ms, one "
+            f"backward per candidate {base * 1000:.1f} ms (ratios "
+            f"{step['batched'] / base:.3f} / {step['one_backward'] / base:.3f})"
+        )
     print(
         f"(c) average / naive per-exit loop:               {ratio_c:.3f}  (target <= 1.05); "
         f"CPU-time ratio {best_cpu['average'] / best_cpu['naive_average']:.3f}"
