@@ -25,6 +25,7 @@ from torch import Tensor
 from neokd_losses._validation import check_int, check_positive_int
 from neokd_losses.evaluation.anytime import AnytimeResult
 from neokd_losses.evaluation.budgeted import BudgetCurve
+from neokd_losses.evaluation.transfer import TransferResult
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist
@@ -175,34 +176,35 @@ def plot_budget_curves(
 ) -> Figure:
     """Accuracy against expected cost for several methods on one figure.
 
-    Args:
-        curves: method name -> :class:`~neokd_losses.evaluation.budgeted.BudgetCurve` (or
-            its ``to_dict()``, e.g. read back from a results.json).
-        path: where to save the figure (e.g. ``"budget.png"``); not saved when None.
-        title: figure title (wrapped to the figure's width).
-        cost_label: x-axis label, e.g. ``"multiply-adds per sample"`` for the costs of
-            :func:`~neokd_losses.evaluation.flops.exit_costs`. Costs of 1000 and more
-            are drawn in thousands, millions or billions, and the label says which, e.g.
-            "multiply-adds per sample (millions)".
-        dpi: resolution of the saved image.
+        Args:
+            curves: method name -> :class:`~neokd_losses.evaluation.budgeted.BudgetCurve` (or
+                its ``to_dict()``, e.g. read back from a results.json).
+            path: where to save the figure (e.g. ``"budget.png"``); not saved when None.
+            title: figure title (wrapped to the figure's width).
+            cost_label: x-axis label, e.g. ``"multiply-adds per sample"`` for the costs of
+                :func:`~neokd_losses.evaluation.flops.exit_costs`. Costs of 1000 and more
+                are drawn in thousands, millions or billions, and the label says which, e.g.
+                "multiply-adds per sample (millions)".
+            dpi: resolution of the saved image.
 
-    Returns:
-        The matplotlib ``Figure``; the legend is below the axes.
+        Returns:
+            The matplotlib ``Figure``; the legend is below the axes.
 
-    Raises:
-        ImportError: if matplotlib is not installed.
-        TypeError: if a curve is neither a BudgetCurve nor a dict with its fields, or
-            ``dpi`` is not an int.
-        ValueError: if ``curves`` is empty, a curve has no points, or its accuracies are
-            not fractions in [0, 1] (e.g. percentages).
+        Raises:
+            ImportError: if matplotlib is not installed.
+            TypeError: if a curve is neither a BudgetCurve nor a dict with its fields, or
+                ``dpi`` is not an int.
+            ValueError: if ``curves`` is empty, a curve has no points, or its accuracies are
+                not fractions in [0, 1] (e.g. percentages).
 
-    Example:
-        >>> from neokd_losses.evaluation.budgeted import BudgetCurve
-        >>> curve = BudgetCurve((1, 2), (1.0, 2.0), (0.5, 0.6), (0.5, 0.6),
-        ...                     ((1.0, 0.0), (0.0, 1.0)), ((0.0, float("-inf")),) * 2, (1.0, 2.0))
-        >>> fig = plot_budget_curves({"NEO-KD": curve})
-        >>> fig.axes[0].get_ylabel()
-        'accuracy (%)'
+        Example:
+            >>> from neokd_losses.evaluation.budgeted import BudgetCurve
+    from neokd_losses.evaluation.transfer import TransferResult
+            >>> curve = BudgetCurve((1, 2), (1.0, 2.0), (0.5, 0.6), (0.5, 0.6),
+            ...                     ((1.0, 0.0), (0.0, 1.0)), ((0.0, float("-inf")),) * 2, (1.0, 2.0))
+            >>> fig = plot_budget_curves({"NEO-KD": curve})
+            >>> fig.axes[0].get_ylabel()
+            'accuracy (%)'
     """
     if not curves:
         raise ValueError("`curves` must hold at least one method, got an empty mapping.")
@@ -229,7 +231,9 @@ def plot_budget_curves(
     return fig
 
 
-def _as_matrix(matrix: Tensor | Sequence[Sequence[float]]) -> list[list[float]]:
+def _as_matrix(matrix: TransferResult | Tensor | Sequence[Sequence[float]]) -> list[list[float]]:
+    if isinstance(matrix, TransferResult):
+        matrix = matrix.matrix
     m = (
         matrix.detach().cpu().double()
         if isinstance(matrix, Tensor)
@@ -245,7 +249,7 @@ def _as_matrix(matrix: Tensor | Sequence[Sequence[float]]) -> list[list[float]]:
 
 
 def plot_transferability(
-    matrix: Tensor | Sequence[Sequence[float]],
+    matrix: TransferResult | Tensor | Sequence[Sequence[float]],
     path: PathLike | None = None,
     *,
     title: str | None = None,
@@ -259,9 +263,10 @@ def plot_transferability(
     evaluated at; a cell is the attack success rate in percent (the paper's figure).
 
     Args:
-        matrix: (E, E) success rates in [0, 1], e.g. from
-            :func:`~neokd_losses.evaluation.transfer.transferability_matrix`; NaN cells
-            are left blank.
+        matrix: (E, E) success rates in [0, 1], or the
+            :class:`~neokd_losses.evaluation.transfer.TransferResult` of
+            :func:`~neokd_losses.evaluation.transfer.transferability_matrix` (its
+            ``matrix`` is drawn); NaN cells are left blank.
         path: where to save the figure; not saved when None.
         title: figure title, centred on the figure and wrapped to its width.
         cmap: matplotlib colormap name.

@@ -28,6 +28,7 @@ from neokd_losses.attacks.apgd import MultiExitAPGD
 from neokd_losses.attacks.pgd import AttackMode, MultiExitPGD, ThreatModel
 from neokd_losses.attacks.policy import ExitPolicyAttack, deployed_decision
 from neokd_losses.attacks.slowdown import SlowdownAttack
+from neokd_losses.evaluation._finite import check_no_nan
 from neokd_losses.evaluation._loader import (
     Loader,
     attack_name,
@@ -111,6 +112,7 @@ def make_suite(
     Shape:
         - every attack maps images (B, ...) and labels (B,) to images (B, ...).
     """
+    steps = check_int(steps, "steps", low=1)
     restarts = 1
     if isinstance(suite, str):
         if suite not in SUITES:
@@ -120,7 +122,6 @@ def make_suite(
         entries: Sequence[str | AttackFn] = SUITES[suite]
     else:
         entries = suite
-    steps = check_int(steps, "steps", low=1)
     eps = check_real(eps, "eps", low=0.0)
     alpha = 2.5 * eps / steps if eps > 0 else 1.0
     out: list[tuple[str, AttackFn]] = []
@@ -192,12 +193,11 @@ def make_suite(
     return unique
 
 
-def _single_exit(attack: object, num_exits: int) -> int | None:
-    """The exit a single-exit attack targets (``mode="single"``), else None."""
-    index = getattr(attack, "exit_index", None)
-    if getattr(attack, "mode", None) == "single" and isinstance(index, int):
-        return index % num_exits
-    return None
+def _finite_exits(model: nn.Module, images: Tensor, name: str) -> Tensor:
+    """``forward_exits(model, images)`` (E, B, K), refusing NaN logits (named ``name``)."""
+    logits = forward_exits(model, images)
+    check_no_nan(logits, name)
+    return logits
 
 
 def check_in_ball(name: str, adv: Tensor, images: Tensor, eps: float, norm: ThreatModel) -> None:
@@ -343,11 +343,13 @@ def robust_accuracy(
 
     For every batch, the clean predictions are scored, then the attacks run in order;
     a (sample, exit) prediction stays correct only while every attack so far left it
-    correct. With ``skip_broken`` (default), an attack only runs on the samples still
-    correct at one exit or more (those broken everywhere cannot get worse), and a
-    single-exit attack (``mode="single"``, e.g. ``"pgd-exit"``) only on the samples still
-    correct at its exit: it is there to break that exit. Every output
-    is checked to lie in the ε-ball and in [0, 1]. Named attacks draw their random starts
+    correct. Every attack's output is scored at every exit (a single-exit attack on exit
+    i may also break exit j), so the worst case does not depend on the order of the
+    suite; the order decides only which attack gets the credit in the breakdown. With
+    ``skip_broken`` (default), an attack runs only on the samples still correct at one
+    exit or more: those broken at every exit cannot get worse, so skipping them saves
+    time without changing what is measured. Every output is checked to lie in the
+    ε-ball and in [0, 1], and every logit to be free of NaN. Named attacks draw their random starts
     from one generator re-seeded from ``seed`` and the batch index before each attack, so
     the result is deterministic and a resumed run equals an uninterrupted one.
 
@@ -360,7 +362,8 @@ def robust_accuracy(
         norm: ``"Linf"`` or ``"L2"``.
         steps: iterations of the named attacks (see :func:`make_suite`).
         seed: seed of the random starts.
-        skip_broken: do not attack samples already broken at every exit.
+        skip_broken: do not attack samples already broken at every exit (a speed-up;
+            the attacks' random starts are drawn for the rows they run on).
         max_batches: evaluate only the first batches (None: all).
         checkpoint: a JSON file updated after every batch; an interrupted run restarts
             from it (it must come from the same suite, eps, norm, steps and seed).
@@ -409,7 +412,9 @@ def robust_accuracy(
                 break
             if images.shape[0] == 0:
                 continue
+            check_no_nan(images, "images")
             logits = forward_exits(model, images)  # (E, B, K)
+            check_no_nan(logits, "model(images)")
             check_labels(labels, logits.shape[-1])
             if suite is None:
                 suite = make_suite(
@@ -438,10 +443,8 @@ def robust_accuracy(
             alive = logits.argmax(-1) == labels  # (E, B)
             clean_hits = alive.sum(1)
             for j, (name, attack) in enumerate(suite):
-                attacked_exit = _single_exit(attack, alive.shape[0])
-                needed = alive.any(0) if attacked_exit is None else alive[attacked_exit]
                 rows = (
-                    needed.nonzero().squeeze(1)
+                    alive.any(0).nonzero().squeeze(1)
                     if skip_broken
                     else torch.arange(labels.shape[0], device=labels.device)
                 )
@@ -452,7 +455,9 @@ def robust_accuracy(
                 x, y = images[rows], labels[rows]
                 adv = run_attack(attack, x, y)
                 check_in_ball(name, adv, x, eps, norm)
-                hits = forward_exits(model, adv).argmax(-1) == y  # (E, n)
+                adv_logits = forward_exits(model, adv)
+                check_no_nan(adv_logits, f"model(images attacked by {name!r})")
+                hits = adv_logits.argmax(-1) == y  # (E, n)
                 newly = alive[:, rows] & ~hits
                 broken[name] = broken.get(name, 0) + int(newly.sum())
                 broken_samples[name] = broken_samples.get(name, 0) + int(newly.any(0).sum())
@@ -672,15 +677,22 @@ def deployed_evaluation(
                 break
             if images.shape[0] == 0:
                 continue
-            clean = forward_exits(model, images)
+            check_no_nan(images, "images")
+            clean = _finite_exits(model, images, "model(images)")
             check_labels(labels, clean.shape[-1])
             gen.manual_seed(seed * 1_000_003 + index * 1009)
-            adv_max = forward_exits(model, run_attack(max_average, images, labels))
+            adv_max = _finite_exits(
+                model, run_attack(max_average, images, labels), "model(max-average images)"
+            )
             for i, t in enumerate(thresholds):
                 gen.manual_seed(seed * 1_000_003 + index * 1009 + 1 + i)
-                adv_policy = forward_exits(model, run_attack(policy[i], images, labels))
+                adv_policy = _finite_exits(
+                    model, run_attack(policy[i], images, labels), "model(exit-policy images)"
+                )
                 gen.manual_seed(seed * 1_000_003 + index * 1009 + 101 + i)
-                adv_slow = forward_exits(model, run_attack(slow[i], images, labels))
+                adv_slow = _finite_exits(
+                    model, run_attack(slow[i], images, labels), "model(slow-down images)"
+                )
                 exit_c, answer_c = deployed_decision(clean, t)
                 _, answer_m = deployed_decision(adv_max, t)
                 _, answer_p = deployed_decision(adv_policy, t)

@@ -63,6 +63,21 @@ def test_plot_transferability_writes_png_with_numbers(tmp_path: Path) -> None:
     assert texts == ["95.0", "23.1", "10.0", "30.0", "90.0", "25.0", "5.0", "40.0", "88.0"]
 
 
+def test_plot_transferability_takes_a_transfer_result() -> None:
+    from neokd_losses.evaluation.transfer import TransferResult
+
+    result = TransferResult(
+        "clean-correct",
+        clean_correct=torch.tensor([4, 5]),
+        fooled=torch.tensor([[4, 1], [2, 5]]),
+        wrong=torch.tensor([[10, 6], [8, 10]]),
+        num_samples=10,
+    )
+    fig = plot_transferability(result)
+    # fooled / clean_correct per column: [[4/4, 1/5], [2/4, 5/5]]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["100.0", "20.0", "50.0", "100.0"]
+
+
 def test_plot_exit_accuracies_writes_png(tmp_path: Path) -> None:
     path = tmp_path / "exits.png"
     clean = AnytimeResult((90, 95, 97), 100)

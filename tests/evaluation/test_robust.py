@@ -42,19 +42,17 @@ def test_worst_case_equals_every_attack_on_every_sample() -> None:
     x, y = xt[:96], yt[:96]
     eps = 0.08
     suite = _deterministic_suite(model, eps)
-    # Naive reference: each attack on all samples, a prediction survives only if no attack
-    # broke it; the credit goes to the first attack (in order) that broke it.
+    # Naive reference: each attack on all samples, every output scored at every exit; a
+    # prediction survives only if no attack broke it; the credit goes to the first
+    # attack (in order) that broke it.
     with torch.no_grad():
         alive = torch.stack(model(x)).argmax(-1) == y
     clean = alive.sum(1)
-    # A single-exit attack only counts on the samples still correct at its exit.
     credit, expected_seen = [], []
     for atk in suite:
-        needed = alive.any(0) if atk.mode != "single" else alive[atk.exit_index].clone()
-        expected_seen.append(int(needed.sum()))
+        expected_seen.append(int(alive.any(0).sum()))
         with torch.no_grad():
             hits = torch.stack(model(atk(x, y))).argmax(-1) == y
-        hits |= ~needed  # rows the attack does not run on keep their state
         credit.append(int((alive & ~hits).sum()))
         alive &= hits
     result = robust_accuracy(model, _batches(x, y, 32), suite, eps=eps, progress=False)
@@ -65,14 +63,78 @@ def test_worst_case_equals_every_attack_on_every_sample() -> None:
     # Skipping: an attack sees only the samples still correct at one exit or more.
     assert list(result.seen.values()) == expected_seen
     assert expected_seen[-1] < expected_seen[0] <= 96
+    # ... which is only a speed-up: without it, and in any order, the same worst case.
     full = robust_accuracy(
         model, _batches(x, y, 32), suite, eps=eps, skip_broken=False, progress=False
     )
     assert list(full.seen.values()) == [96, 96, 96]
-    assert all(f <= r for f, r in zip(full.robust_correct, result.robust_correct))
+    assert full.robust_correct == result.robust_correct
+    reordered = robust_accuracy(model, _batches(x, y, 32), suite[::-1], eps=eps, progress=False)
+    assert reordered.robust_correct == result.robust_correct
     table = result.to_markdown()
     assert "worst case" in table and "MultiExitPGD (average)" in table
     assert json.loads(json.dumps(result.to_dict()))["num_samples"] == 96
+
+
+def test_single_exit_attack_counts_at_every_exit() -> None:
+    """An attack aimed at exit 0 that also breaks exit 1 breaks it in the worst case,
+    also for samples an earlier attack had already broken at exit 0 only."""
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.zeros(4, dtype=torch.long)
+
+    class Fixed(torch.nn.Module):
+        """Logits that read the attack's mark in pixel (0, 0): 0 clean, 1 or 2 attacked."""
+
+        def forward(self, images: Tensor) -> list[Tensor]:
+            mark = images[:, 0, 0, 0]
+            right = torch.tensor([5.0, 0.0, 0.0]).expand(images.shape[0], 3)
+            wrong = torch.tensor([0.0, 5.0, 0.0]).expand(images.shape[0], 3)
+            exit0 = torch.where((mark > 0.5).unsqueeze(1), wrong, right)
+            exit1 = torch.where((mark > 0.9).unsqueeze(1), wrong, right)
+            return [exit0, exit1]
+
+    fixed = Fixed()
+    clean = x.clone()
+    clean[:, 0, 0, 0] = 0.0
+
+    def breaks_exit0(images: Tensor, labels: Tensor) -> Tensor:
+        out = images.clone()
+        out[:, 0, 0, 0] = 0.6
+        return out
+
+    def breaks_both(images: Tensor, labels: Tensor) -> Tensor:
+        out = images.clone()
+        out[:, 0, 0, 0] = 1.0
+        return out
+
+    breaks_both.mode = "single"  # type: ignore[attr-defined]
+    breaks_both.exit_index = 0  # type: ignore[attr-defined]
+    data = [(clean, y)]
+    for order in ([breaks_exit0, breaks_both], [breaks_both, breaks_exit0]):
+        for skip in (True, False):
+            result = robust_accuracy(fixed, data, order, eps=1.0, skip_broken=skip, progress=False)
+            assert result.clean_correct == (4, 4)
+            assert result.robust_correct == (0, 0), (order, skip)
+
+
+def test_nan_logits_are_refused() -> None:
+    class NaNAtLabel(torch.nn.Module):
+        def forward(self, images: Tensor) -> list[Tensor]:
+            z = images.flatten(1)[:, :3].clone()
+            z[:, 0] = float("nan")
+            return [z, z]
+
+    data = [(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"`model\(images\)` contain NaN"):
+        robust_accuracy(NaNAtLabel(), data, ["pgd-average"], eps=0.1, progress=False)
+    with pytest.raises(ValueError, match=r"`images` contain NaN"):
+        robust_accuracy(
+            TinyMultiExit(num_classes=5).eval(),
+            [(torch.full((2, 1, 8, 8), float("nan")), torch.zeros(2, dtype=torch.long))],
+            ["pgd-average"],
+            eps=0.1,
+            progress=False,
+        )
 
 
 def test_named_suite_is_deterministic_and_resumable(tmp_path: Path) -> None:
@@ -127,6 +189,11 @@ def test_bad_input() -> None:
         deployed_evaluation(model, data, data, [1.0, 2.0], eps=0.1, steps=1, progress=False)
     with pytest.raises(ValueError, match="no samples"):
         deployed_evaluation(model, data, [], [1.0, 2.0, 3.0], eps=0.1, steps=1, progress=False)
+    # The steps are checked as given, before the strong suite doubles them.
+    with pytest.raises(TypeError, match="`steps` must be an int, got str '7'"):
+        make_suite(model, "strong", eps=0.1, steps="7", num_exits=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`steps` must be >= 1, got -3"):
+        make_suite(model, "strong", eps=0.1, steps=-3, num_exits=3)
     assert set(SUITES) == {"standard", "strong"}
     names = [n for n, _ in make_suite(model, "strong", eps=0.1, num_exits=3)]
     assert "apgd-cw" in names and "pgd-exit-2" in names
