@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from neokd_losses._exits import stack_exits
-from neokd_losses._validation import check_generator, check_int, check_real, check_targets
+from neokd_losses._validation import (
+    check_generator,
+    check_int,
+    check_real,
+    check_targets,
+    upcast,
+)
 from neokd_losses.attacks._adapter import MultiExitAttack
 from neokd_losses.attacks._pgd_core import pgd_step, random_start
 from neokd_losses.attacks.apgd import APGDLoss, attack_losses
@@ -68,6 +74,11 @@ def deployed_decision(logits: Tensor, thresholds: Thresholds) -> tuple[Tensor, T
     """The exit each sample leaves at and the deployed network's answer.
 
     The first exit k with max softmax ≥ T_k answers; the last exit answers the rest.
+    Confidences are computed in the logits' dtype (float32 for half precision) and the
+    thresholds compared in that dtype, as
+    :func:`~neokd_losses.evaluation.budgeted.exit_assignment` and
+    :class:`~neokd_losses.inference.EarlyExitClassifier` do, so a confidence equal to a
+    threshold fitted on the same logits leaves in all three.
 
     Example:
         >>> z = torch.tensor([[[4.0, 0.0], [0.0, 0.1]], [[0.0, 1.0], [1.0, 0.0]]])
@@ -77,8 +88,8 @@ def deployed_decision(logits: Tensor, thresholds: Thresholds) -> tuple[Tensor, T
     Shape:
         - logits: (E, N, K); thresholds: (E,); outputs: (N,) each.
     """
-    t = check_thresholds(thresholds, logits.shape[0]).to(logits.device)
-    probs = logits.detach().double().softmax(-1)
+    probs = upcast(logits.detach()).softmax(-1)
+    t = check_thresholds(thresholds, logits.shape[0]).to(probs.device, probs.dtype)
     confidence, prediction = probs.max(-1)  # (E, N)
     fires = confidence >= t[:, None]
     fires[-1] = True

@@ -65,6 +65,24 @@ def test_deployed_decision_matches_a_naive_loop_and_exit_assignment() -> None:
     assert torch.equal(exits, exit_assignment(logits, torch.tensor(thresholds)))
 
 
+def test_deployed_decision_ties_at_fitted_thresholds_equal_exit_assignment() -> None:
+    # A threshold fitted on float32 logits is one sample's float32 confidence: that
+    # sample must leave (confidence >= T) in the deployed rule as in exit_assignment.
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        logits = (2 * torch.randn(3, 200, 5, generator=g)).to(dtype)
+        confidence = (
+            logits.float().softmax(-1).amax(-1)
+            if dtype != torch.float64
+            else (logits.softmax(-1).amax(-1))
+        )
+        for n in range(0, 200, 7):
+            thresholds = [float(confidence[0, n]), float(confidence[1, n]), 0.0]
+            exits, _ = deployed_decision(logits, thresholds)
+            assert torch.equal(exits, exit_assignment(logits, thresholds)), (dtype, n)
+            assert int(exits[n]) == 0, (dtype, n)
+
+
 def test_firing_weights_naive_formula_and_limit() -> None:
     g = torch.Generator().manual_seed(1)
     logits = 2 * torch.randn(3, 10, 4, generator=g, dtype=torch.float64)
