@@ -121,20 +121,28 @@ class EarlyExitClassifier(nn.Module):
     model's weights, under ``model.``), and ``ensemble`` is saved as extra state, so the
     whole classifier saves with ``torch.save(classifier.state_dict(), path)`` and loads
     with ``torch.load(path, weights_only=True)`` into a fresh classifier built around
-    the same architecture with any thresholds of the right length. Converting the
-    module's dtype (``.half()``) converts these buffers too; move it with ``.to(device)``.
+    the same architecture with any thresholds of the right length. They stay float64
+    when the module's dtype is converted (``.half()``, ``.to(torch.bfloat16)``: the
+    model's weights change, the decision rule does not) and follow its device.
 
     Compilation and export: the batch shrinks by an amount known only at run time.
-    ``torch.compile(classifier, dynamic=True)`` works; by default each boolean-mask
-    filtering (``nonzero``, whose output shape depends on the data) is a graph break,
-    so an E-exit model compiles to E graphs; with
-    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` the forward is one
-    graph. Without ``dynamic=True`` every new sub-batch size recompiles the stages.
-    ``torch.export.export(classifier, (x,), dynamic_shapes={"x": {0:
+    ``torch.compile(classifier, dynamic=True)`` gives the eager results. By default the
+    selection of the rows that stay (``nonzero``, whose output size depends on the data)
+    breaks the graph inside the loop over stages, so the loop runs eagerly and each
+    stage call is compiled (SmallCNN: 5 graphs). With
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` the forward of a
+    model without batch normalization after its first stage is one graph (SmallCNN);
+    an eval-mode ``BatchNorm`` on a sub-batch of data-dependent size still breaks it
+    (MSDNet: 6 graphs). Without ``dynamic=True`` every new sub-batch size recompiles the
+    stages. ``torch.export.export(classifier, (x,), dynamic_shapes={"x": {0:
     torch.export.Dim("batch")}})`` captures the whole forward with a dynamic batch (the
-    per-exit batch sizes become unbacked symbols); the exported program runs every
-    stage, on an empty batch once all samples have left (the early stop of the loop is
-    skipped while tracing), and skips the stage-output checks.
+    per-exit batch sizes become unbacked symbols) for models without batch
+    normalization after their first stage (SmallCNN, ``attach_exits`` on convolutions,
+    ReLUs and linear layers); it fails for MSDNet and other models with ``BatchNorm``
+    past stage 0, whose eval-mode batch norm guards on the data-dependent size (torch
+    2.14). The exported program runs every stage, on an empty batch once all samples
+    have left (the early stop of the loop is skipped while tracing), and skips the
+    stage-output and NaN checks.
 
     Put the model in eval mode first: in training mode, dropout and batch statistics
     make decisions depend on the batch (a warning says so when a dropout or batch-norm
@@ -201,6 +209,17 @@ class EarlyExitClassifier(nn.Module):
         )
         self.register_buffer("costs", values)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> EarlyExitClassifier:
+        # Module conversions (.half(), .to(dtype), .cuda()) reach the model's parameters;
+        # the decision rule keeps its float64 thresholds and costs and only moves: a
+        # float16 cost overflows (1e7 multiply-adds is inf) and a rounded threshold
+        # changes decisions.
+        thresholds, costs = self.thresholds, self.costs
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        self.thresholds = thresholds.to(self.thresholds.device)
+        self.costs = costs.to(self.costs.device)
+        return self
+
     def get_extra_state(self) -> dict[str, Any]:
         """The decision rule's settings that are not tensors (saved in the state_dict)."""
         return {"ensemble": self.ensemble, "has_costs": self.has_costs}
@@ -246,6 +265,13 @@ class EarlyExitClassifier(nn.Module):
         for k in range(self.num_exits):
             state, logits = model.forward_stage(k, state)
             check_stage_output(model, k, state, logits, order.shape[0], last=k == last)
+            if not is_compiling() and bool(torch.isnan(logits).any()):
+                raise ValueError(
+                    f"exit {k} returned NaN logits for "
+                    f"{int(torch.isnan(logits).any(-1).sum())} of {logits.shape[0]} samples; "
+                    "no confidence can be compared with a threshold. Check the model and "
+                    "the inputs for NaN."
+                )
             probs = upcast(logits).softmax(dim=-1)
             if self.ensemble:
                 total = probs if total is None else total + probs

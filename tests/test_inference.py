@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -115,6 +116,29 @@ def test_decisions_equal_the_simulation_and_a_naive_loop(ensemble: bool) -> None
             assert float(out.cost.mean()) == mean_cost
 
 
+def test_ensemble_ties_at_fitted_thresholds_equal_the_simulation() -> None:
+    # Thresholds equal to ensemble confidences (as fit_thresholds picks them) on logits
+    # off any grid: the simulation's running mean must round as the classifier's does.
+    g = torch.Generator().manual_seed(3)
+    num_exits, n = 5, 200
+    table = 3 * torch.randn(n, num_exits, 7, generator=g)
+    stacked = table.permute(1, 0, 2)
+    probs = stacked.softmax(-1)
+    total, means = probs[0], []
+    for k in range(num_exits):  # the naive running mean, one exit after the other
+        total = probs[0] if k == 0 else total + probs[k]
+        means.append(total / (k + 1))
+    confidence = torch.stack(means).amax(-1)  # (E, N)
+    for i in range(0, n, 5):
+        for k in range(1, num_exits - 1):  # sample i must leave exactly at exit k
+            thresholds = [math.inf] * k + [float(confidence[k, i])]
+            thresholds += [0.0] * (num_exits - k - 1)
+            out = EarlyExitClassifier(_Table(num_exits), thresholds, ensemble=True)(table)
+            simulated = exit_assignment(stacked, thresholds, ensemble=True)
+            assert int(out.exit_index[i]) == k == int(simulated[i])
+            assert torch.equal(out.exit_index, simulated)
+
+
 def test_later_stages_run_only_on_the_samples_that_remain() -> None:
     g = torch.Generator().manual_seed(1)
     table = _tied_logits(3, 40, 4, g)
@@ -217,6 +241,32 @@ def test_buffers_follow_the_module() -> None:
     names = dict(classifier.named_buffers())
     assert set(names) == {"thresholds", "costs"}
     assert names["thresholds"].dtype == torch.float64
+
+
+def test_dtype_conversions_keep_the_decision_rule_in_float64() -> None:
+    thresholds, costs = [0.999, 0.8, 0.0], [1039786.0, 8603476.0, 11218574.0]
+    model = _small_cnn()
+    x = torch.rand(64, 1, 28, 28)
+    for dtype in (torch.float16, torch.bfloat16):
+        classifier = EarlyExitClassifier(copy.deepcopy(model), thresholds, costs).to(dtype)
+        assert classifier.thresholds.dtype == classifier.costs.dtype == torch.float64
+        assert classifier.thresholds.tolist() == thresholds  # not rounded to 1.0
+        assert next(classifier.model.parameters()).dtype == dtype
+        with torch.no_grad():
+            out = classifier(x.to(dtype))
+            logits = torch.stack(classifier.model(x.to(dtype)))
+        assert out.cost is not None and out.cost.dtype == torch.float64
+        assert bool(torch.isfinite(out.cost).all())  # 1.1e7 is inf in float16
+        assert torch.equal(out.exit_index, exit_assignment(logits, thresholds))
+    half = EarlyExitClassifier(copy.deepcopy(model), thresholds, costs).half()
+    assert half.thresholds.dtype == torch.float64
+
+
+def test_nan_logits_raise() -> None:
+    table = torch.zeros(3, 2, 4)
+    table[1, 0, 2] = float("nan")
+    with pytest.raises(ValueError, match="exit 0 returned NaN logits for 1 of 3 samples"):
+        EarlyExitClassifier(_Table(2), [-math.inf, 0.0])(table)
 
 
 def test_training_mode_warns() -> None:

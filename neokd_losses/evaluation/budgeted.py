@@ -143,8 +143,16 @@ def _probabilities(logits: Tensor, ensemble: bool) -> Tensor:
     probs = logits.softmax(dim=-1)
     if not ensemble:
         return probs
-    counts = torch.arange(1, probs.shape[0] + 1, dtype=probs.dtype, device=probs.device)
-    return probs.cumsum(dim=0) / counts[:, None, None]
+    # Summed one exit after the other in the probabilities' dtype, as the early-exit
+    # classifier does at run time: ``cumsum`` may accumulate in higher precision and
+    # round once, which moves a confidence by one unit in the last place, and a sample
+    # on its threshold (every fitted threshold is some sample's confidence) to another exit.
+    means, total = [], probs[0]
+    for k in range(probs.shape[0]):
+        if k:
+            total = total + probs[k]
+        means.append(total / (k + 1))
+    return torch.stack(means)
 
 
 def _confidence(logits: Tensor, ensemble: bool = False) -> tuple[Tensor, Tensor]:

@@ -176,35 +176,34 @@ def plot_budget_curves(
 ) -> Figure:
     """Accuracy against expected cost for several methods on one figure.
 
-        Args:
-            curves: method name -> :class:`~neokd_losses.evaluation.budgeted.BudgetCurve` (or
-                its ``to_dict()``, e.g. read back from a results.json).
-            path: where to save the figure (e.g. ``"budget.png"``); not saved when None.
-            title: figure title (wrapped to the figure's width).
-            cost_label: x-axis label, e.g. ``"multiply-adds per sample"`` for the costs of
-                :func:`~neokd_losses.evaluation.flops.exit_costs`. Costs of 1000 and more
-                are drawn in thousands, millions or billions, and the label says which, e.g.
-                "multiply-adds per sample (millions)".
-            dpi: resolution of the saved image.
+    Args:
+        curves: method name -> :class:`~neokd_losses.evaluation.budgeted.BudgetCurve` (or
+            its ``to_dict()``, e.g. read back from a results.json).
+        path: where to save the figure (e.g. ``"budget.png"``); not saved when None.
+        title: figure title (wrapped to the figure's width).
+        cost_label: x-axis label, e.g. ``"multiply-adds per sample"`` for the costs of
+            :func:`~neokd_losses.evaluation.flops.exit_costs`. Costs of 1000 and more
+            are drawn in thousands, millions or billions, and the label says which, e.g.
+            "multiply-adds per sample (millions)".
+        dpi: resolution of the saved image.
 
-        Returns:
-            The matplotlib ``Figure``; the legend is below the axes.
+    Returns:
+        The matplotlib ``Figure``; the legend is below the axes.
 
-        Raises:
-            ImportError: if matplotlib is not installed.
-            TypeError: if a curve is neither a BudgetCurve nor a dict with its fields, or
-                ``dpi`` is not an int.
-            ValueError: if ``curves`` is empty, a curve has no points, or its accuracies are
-                not fractions in [0, 1] (e.g. percentages).
+    Raises:
+        ImportError: if matplotlib is not installed.
+        TypeError: if a curve is neither a BudgetCurve nor a dict with its fields, or
+            ``dpi`` is not an int.
+        ValueError: if ``curves`` is empty, a curve has no points, or its accuracies are
+            not fractions in [0, 1] (e.g. percentages).
 
-        Example:
-            >>> from neokd_losses.evaluation.budgeted import BudgetCurve
-    from neokd_losses.evaluation.transfer import TransferResult
-            >>> curve = BudgetCurve((1, 2), (1.0, 2.0), (0.5, 0.6), (0.5, 0.6),
-            ...                     ((1.0, 0.0), (0.0, 1.0)), ((0.0, float("-inf")),) * 2, (1.0, 2.0))
-            >>> fig = plot_budget_curves({"NEO-KD": curve})
-            >>> fig.axes[0].get_ylabel()
-            'accuracy (%)'
+    Example:
+        >>> from neokd_losses.evaluation.budgeted import BudgetCurve
+        >>> curve = BudgetCurve((1, 2), (1.0, 2.0), (0.5, 0.6), (0.5, 0.6),
+        ...                     ((1.0, 0.0), (0.0, 1.0)), ((0.0, float("-inf")),) * 2, (1.0, 2.0))
+        >>> fig = plot_budget_curves({"NEO-KD": curve})
+        >>> fig.axes[0].get_ylabel()
+        'accuracy (%)'
     """
     if not curves:
         raise ValueError("`curves` must hold at least one method, got an empty mapping.")

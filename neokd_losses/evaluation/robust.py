@@ -349,9 +349,10 @@ def robust_accuracy(
     ``skip_broken`` (default), an attack runs only on the samples still correct at one
     exit or more: those broken at every exit cannot get worse, so skipping them saves
     time without changing what is measured. Every output is checked to lie in the
-    ε-ball and in [0, 1], and every logit to be free of NaN. Named attacks draw their random starts
-    from one generator re-seeded from ``seed`` and the batch index before each attack, so
-    the result is deterministic and a resumed run equals an uninterrupted one.
+    ε-ball and in [0, 1], and every logit to be free of NaN. Named attacks draw their
+    random starts from one generator re-seeded from ``seed`` and the batch index before
+    each attack, so the result is deterministic and a resumed run equals an
+    uninterrupted one.
 
     Args:
         model: multi-exit model returning E logits (B, K), images in [0, 1].

@@ -256,7 +256,7 @@ class AttachedExits(nn.Module):
 
     @property
     def forward_stage(self) -> Callable[[int, StageState], tuple[StageState, Tensor]]:
-        """Stage ``index`` of a staged wrapper: ``(state, index) -> (next state, logits)``.
+        """Stage ``index`` of a staged wrapper: ``(index, state) -> (next state, logits)``.
 
         Only present (``has_stages``) for an ``nn.Sequential`` backbone with exits on its
         direct children; otherwise reading it raises AttributeError, so that
