@@ -58,7 +58,9 @@ def main() -> None:
         "functional attack core, the unified losses), "
         "`OMP_NUM_THREADS=1 python examples/train.py --method <m> --seed <k> --no-progress`, "
         "with `--eval-suite strong` for the seed-0 runs of `adv` and `neokd` (their strong-suite "
-        "numbers are in `strong.md`). Each JSON's `config.loss` records the loss settings. "
+        "numbers are in `strong.md`; those two were trained again with the tree of commit "
+        "407fbdc and evaluated with that of 8d0e93e, reproducing every number of this page "
+        "exactly). Each JSON's `config.loss` records the loss settings. "
         "Two runs at a time shared 2 CPU cores with other jobs.\n"
     )
     print("## Mean ± standard deviation over seeds (range in brackets)\n")
