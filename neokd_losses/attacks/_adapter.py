@@ -29,7 +29,7 @@ from neokd_losses._validation import (
     module_device,
     preserved_modes,
 )
-from neokd_losses.attacks._pgd_core import check_labels
+from neokd_losses.attacks._pgd_core import _model_dtype, check_labels
 from neokd_losses.attacks.exit_view import ExitView, as_exit_list
 
 __all__ = ["MultiExitAttack"]
@@ -95,7 +95,8 @@ class MultiExitAttack(Attack):  # type: ignore[misc]
 
         Mirrors torchattacks' ``get_logits``: when ``set_normalization_used`` is active
         the normalization is applied inside an attack call (inputs in [0, 1]) and not
-        outside one (inputs already normalized). Gradients are kept; wrap in
+        outside one (inputs already normalized); the inputs are then cast to the model's
+        dtype (its first floating parameter's). Gradients are kept; wrap in
         ``torch.no_grad()`` for evaluation. The model's mode is not changed.
 
         Args:
@@ -109,6 +110,9 @@ class MultiExitAttack(Attack):  # type: ignore[misc]
         """
         if self._normalization_applied is False:
             inputs = self.normalize(inputs).to(inputs.dtype)
+        dtype = _model_dtype(self._exit_model)
+        if dtype is not None and inputs.dtype != dtype:
+            inputs = inputs.to(dtype)  # e.g. float64 images, a float32 model
         return as_exit_list(self._exit_model(inputs), self.model_name)
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from neokd_losses._validation import (
     check_targets,
 )
 from neokd_losses.attacks._adapter import MultiExitAttack
+from neokd_losses.attacks._pgd_core import _model_dtype, check_images, check_labels, round_toward
 from neokd_losses.attacks.exit_view import as_exit_list
 from neokd_losses.attacks.pgd import AttackMode, ThreatModel
 
@@ -180,6 +181,19 @@ def _apgd_run(
     return x_best.detach(), loss_best
 
 
+def _cast_input(forward: Forward | nn.Module) -> Forward:
+    """``forward`` with its input cast to the model's dtype (an ``nn.Module``'s first
+    floating parameter's), as :func:`~neokd_losses.attacks.multi_exit_pgd` does."""
+    dtype = _model_dtype(forward) if isinstance(forward, nn.Module) else None
+    if dtype is None:
+        return forward
+
+    def cast(x: Tensor) -> list[Tensor] | tuple[Tensor, ...]:
+        return forward(x if x.dtype == dtype else x.to(dtype))
+
+    return cast
+
+
 def _weights(exit_weights: Tensor | None, num_exits: int, like: Tensor) -> Tensor:
     if exit_weights is None:
         return torch.full((num_exits,), 1.0 / num_exits, dtype=like.dtype, device=like.device)
@@ -285,17 +299,26 @@ def multi_exit_apgd(
             "`exit_index` is required by mode='single' (e.g. -1 for the last exit) and only "
             f"used by it, got mode={mode!r}, exit_index={exit_index!r}."
         )
+    if mode == "single" and exit_weights is not None:
+        raise ValueError(
+            "`exit_weights` weight the average over exits of mode='average' and "
+            "'max-average'; mode='single' has none. Drop `exit_weights`."
+        )
     weights = as_exit_weights(exit_weights)
     if weights is not None and not bool((weights > 0).any()):
         raise ValueError(f"`exit_weights` must hold a positive weight, got {weights.tolist()}.")
     check_generator(generator)
-    if not isinstance(images, Tensor) or not images.is_floating_point():
-        raise TypeError("`images` must be a floating Tensor (B, ...) in [0, 1].")
+    check_images(images)
     batch = images.shape[0]
-    x0 = images.detach()
-    y = labels.detach()
+    check_labels(labels, batch, None)  # the upper bound once K is known
     if batch == 0:
-        return x0.clone()
+        return images.detach().clone()
+    # Half-precision images are attacked in float32 and rounded back toward the clean
+    # images at the end, so the result stays in the ball (as multi_exit_pgd does).
+    dtype = images.dtype
+    x0 = images.detach().to(torch.promote_types(dtype, torch.float32))
+    y = labels.detach()
+    forward = _cast_input(forward)
     with torch.no_grad():
         clean = stack_exits(as_exit_list(forward(x0), "model"), name="model output")
     check_targets(y, batch, clean.shape[-1], name="labels")
@@ -326,7 +349,7 @@ def multi_exit_apgd(
                 better = value > best_loss.to(value.dtype)
                 best = torch.where(better.view(-1, *([1] * (x0.dim() - 1))), adv, best)
                 best_loss = torch.where(better, value, best_loss.to(value.dtype))
-            return best.detach()
+            return round_toward(best.detach(), x0, dtype)
 
         reps = x0.repeat(num_exits, *([1] * (x0.dim() - 1)))
         y_rep = y.repeat(num_exits)
@@ -360,7 +383,7 @@ def multi_exit_apgd(
             better = score > best_score.to(score.dtype)
             best = torch.where(better.view(-1, *([1] * (x0.dim() - 1))), chosen, best)
             best_score = torch.where(better, score, best_score.to(score.dtype))
-        return best.detach()
+        return round_toward(best.detach(), x0, dtype)
 
 
 class MultiExitAPGD(MultiExitAttack):

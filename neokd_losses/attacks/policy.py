@@ -209,8 +209,9 @@ class ExitPolicyAttack(MultiExitAttack):
     exit over its threshold so that the network leaves early with a wrong answer. τ is
     annealed geometrically from ``tau[0]`` to ``tau[1]`` over the steps. Every iterate
     (the clean point included) is judged by the exact deployed answer
-    (:func:`deployed_decision`): each sample keeps the first iterate whose deployed
-    answer is wrong (else the one of highest L).
+    (:func:`deployed_decision`): each sample keeps, among its iterates whose deployed
+    answer is wrong, the one of highest L at the final τ (the first of them on a tie);
+    if none is wrong, the iterate of highest L.
 
     Args:
         model: multi-exit ``nn.Module`` returning E logits (B, K).

@@ -295,3 +295,66 @@ def test_labels_out_of_range_name_the_real_number_of_classes() -> None:
         atk(images, torch.tensor([-1, 0]))
     with pytest.raises(ValueError, match=r"\[0, 10\) for K = 10 classes"):
         atk(images, torch.tensor([10, 0]))
+
+
+def test_functional_apgd_validates_images_labels_and_weights() -> None:
+    model = TinyMultiExit(num_classes=5).eval()
+    y = torch.zeros(2, dtype=torch.long)
+    normalized = (torch.rand(2, 1, 8, 8) - 0.5) / 0.25  # values outside [0, 1]
+    with pytest.raises(ValueError, match=r"`images` must lie in \[0, 1\]"):
+        multi_exit_apgd(model, normalized, y, eps=8 / 255, steps=1)
+    with pytest.raises(ValueError, match="contain NaN"):
+        multi_exit_apgd(model, torch.full((2, 1, 8, 8), float("nan")), y, steps=1)
+    with pytest.raises(TypeError, match="labels"):
+        multi_exit_apgd(model, torch.rand(2, 1, 8, 8), [0, 1], steps=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode='single' has none"):
+        multi_exit_apgd(
+            model, torch.rand(2, 1, 8, 8), y, mode="single", exit_index=0, exit_weights=[1, 2, 3]
+        )
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_stays_in_the_ball(norm: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = TinyMultiExit(num_classes=5).eval().to(dtype)
+    x = torch.rand(16, 1, 8, 8).to(dtype)
+    y = torch.randint(0, 5, (16,))
+    eps = 8 / 255 if norm == "Linf" else 0.5
+    for mode in ("single", "max-average"):
+        adv = MultiExitAPGD(
+            model,
+            eps=eps,
+            norm=norm,  # type: ignore[arg-type]
+            steps=10,
+            mode=mode,  # type: ignore[arg-type]
+            exit_index=0 if mode == "single" else None,
+        )(x, y)
+        assert adv.dtype == dtype
+        delta = (adv.double() - x.double()).flatten(1)
+        size = delta.abs().amax(1) if norm == "Linf" else delta.norm(dim=1)
+        assert bool((size <= eps).all()), float(size.max() - eps)
+        assert bool((adv >= 0).all() and (adv <= 1).all())
+        assert bool((adv != x).any())
+
+
+def test_images_in_another_dtype_than_the_model() -> None:
+    # float64 images, float32 model: every adapter attack casts what the model sees.
+    from neokd_losses.attacks import ExitPolicyAttack, SlowdownAttack
+
+    torch.manual_seed(0)
+    model = TinyMultiExit(num_classes=5).eval()
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,))
+    thresholds = [0.5, 0.5, 0.0]
+    attacks = [
+        MultiExitAPGD(model, eps=0.1, steps=3),
+        ExitPolicyAttack(model, thresholds, eps=0.1, alpha=0.02, steps=3),
+        SlowdownAttack(model, thresholds, eps=0.1, alpha=0.02, steps=3),
+    ]
+    for atk in attacks:
+        adv = atk(x, y)
+        assert adv.dtype == torch.float64
+        assert float((adv - x).abs().max()) <= 0.1
+    functional = multi_exit_apgd(model, x, y, eps=0.1, steps=3)
+    assert functional.dtype == torch.float64 and float((functional - x).abs().max()) <= 0.1
