@@ -335,7 +335,8 @@ class FeatureRecorder:
     AB transfer needs pre-activation features from inside a network; hooking the layer
     before each ReLU (a convolution or linear layer) records exactly those, without
     changing the model's forward. ``features`` lists the latest output of every module,
-    in the order given. Use as a context manager to remove the hooks on exit (the last
+    in the order given: a copy taken when the module ran, so an in-place operation after
+    it (``ReLU(inplace=True)``) does not change what was recorded. Use as a context manager to remove the hooks on exit (the last
     recorded features stay readable), or call :meth:`remove`.
 
     Args:
@@ -381,7 +382,10 @@ class FeatureRecorder:
                     f"FeatureRecorder records tensor outputs, but {type(module).__name__} "
                     f"returned {type(output).__name__}."
                 )
-            self._outputs[slot] = output
+            # A copy: an in-place op after the module (ReLU(inplace=True), as in MSDNet
+            # and torchvision's ResNets) would otherwise overwrite the recorded
+            # pre-activations with their ReLU. The copy is differentiable.
+            self._outputs[slot] = output.clone()
 
         return record
 

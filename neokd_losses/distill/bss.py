@@ -50,6 +50,18 @@ def _teacher(logits: Tensor, name: str, shape: tuple[int, int], dtype: torch.dty
     return logits.to(dtype)
 
 
+def _promoted(*inputs: object) -> torch.dtype:
+    """float32 promoted with the dtype of every floating tensor among ``inputs`` (tensors
+    or sequences of tensors; anything else is left to the validation that follows)."""
+    dtype = torch.float32
+    for item in inputs:
+        parts = item if isinstance(item, (list, tuple)) else [item]
+        for part in parts:
+            if isinstance(part, Tensor) and part.is_floating_point():
+                dtype = torch.promote_types(dtype, part.dtype)
+    return dtype
+
+
 def _bss_rows(
     bss_student_logits: ExitLogits,
     bss_teacher_logits: Tensor,
@@ -206,7 +218,10 @@ def bss_kd_loss(
     check_reduction(reduction)
     student = stack_exits(student_logits, "student_logits")
     num_exits, batch, num_classes = student.shape
-    teacher = _teacher(teacher_logits, "teacher_logits", (batch, num_classes), student.dtype)
+    # float32 at least, float64 when any input is: never cast an input down.
+    dtype = _promoted(student, teacher_logits, bss_student_logits, bss_teacher_logits)
+    student = student.to(dtype)
+    teacher = _teacher(teacher_logits, "teacher_logits", (batch, num_classes), dtype)
     check_targets(targets, batch, num_classes)
     gamma = as_exit_weights(exit_weights, num_exits)
     given = [v is not None for v in (bss_student_logits, bss_teacher_logits, bss_index)]

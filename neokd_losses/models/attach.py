@@ -10,10 +10,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from neokd_losses._validation import check_exit_index, check_positive_int
+from neokd_losses._validation import check_exit_index, check_positive_int, preserved_modes
 from neokd_losses.models.staged import StageState, run_stages
 
 __all__ = ["AttachedExits", "HeadFactory", "attach_exits"]
+
+_STAGE_METHODS = frozenset({"forward_stage", "forward_block", "forward_exit"})
 
 HeadFactory = Callable[[int, int], nn.Module]
 """A callable ``(in_channels, num_classes) -> nn.Module`` building one exit head."""
@@ -284,6 +286,13 @@ class AttachedExits(nn.Module):
         self._require_stages()
         return self._forward_exit
 
+    def __getattr__(self, name: str) -> Any:
+        # A property that raises AttributeError falls back to __getattr__, whose generic
+        # "has no attribute" message would hide why the stages are missing.
+        if name in _STAGE_METHODS and self.__dict__.get("_stages", 0) is None:
+            self._require_stages()
+        return super().__getattr__(name)
+
     def _require_stages(self) -> None:
         if self._stages is None:
             raise AttributeError(
@@ -403,13 +412,11 @@ def _measure_channels(
         seen[index].append(output)
 
     handles = [m.register_forward_hook(partial(record, i)) for i, m in enumerate(modules)]
-    was_training = backbone.training
     try:
-        backbone.eval()
-        with torch.no_grad():
+        with preserved_modes(backbone), torch.no_grad():  # every submodule's own mode back
+            backbone.eval()
             backbone(example)
     finally:
-        backbone.train(was_training)
         for handle in handles:
             handle.remove()
     channels = []

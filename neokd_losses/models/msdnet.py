@@ -244,8 +244,9 @@ class MSDNet(nn.Module):
             has the wrong type.
         ValueError: if a value is out of range, ``gr_factor`` and ``bn_factor`` differ
             in length, ``growth_rate·gr_factor[s]`` is odd for a scale s ≥ 1 (its new
-            channels are split in halves), or ``image_size`` does not reach 1×1 in the
-            heads; at call time, if the input is not (B, C, H, W).
+            channels are split in halves), ``image_size`` does not reach 1×1 in the
+            heads, or ``reduction`` leaves a transition without channels; at call time,
+            if the input is not (B, C, H, W).
 
     Shape:
         - input: (B, C, H, W) with (H, W) = ``image_size``, values in [0, 1].
@@ -325,6 +326,13 @@ class MSDNet(nn.Module):
                 width += growth_rate
                 if in_scales > out_scales and reduction > 0:
                     new_width = math.floor(reduction * width)
+                    if new_width < 1:
+                        raise ValueError(
+                            f"`reduction`={reduction!r} leaves no channel in the transition "
+                            f"after layer {n}: floor({reduction!r} * {width}) = 0 base "
+                            "channels. Raise `reduction` (or `num_channels` / `growth_rate`), "
+                            "or pass 0 to disable transitions."
+                        )
                     layers.append(_Transition(width, new_width, gr, num_scales - out_scales))
                     width = new_width
             blocks.append(nn.Sequential(*layers))

@@ -252,6 +252,18 @@ def test_recorder_records_pre_activations_and_removes_hooks() -> None:
         _ = recorder.features
 
 
+def test_recorder_keeps_pre_activations_before_an_in_place_relu() -> None:
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3))
+    x = torch.randn(8, 4)
+    with FeatureRecorder([net[0]]) as recorder:
+        net(x)
+        (recorded,) = recorder.features
+    torch.testing.assert_close(recorded, net[0](x))  # not overwritten by the ReLU
+    assert bool((recorded < 0).any())
+    recorded.sum().backward()  # the copy is differentiable
+    assert net[0].weight.grad is not None
+
+
 @pytest.mark.parametrize(
     ("modules", "error", "match"),
     [

@@ -418,3 +418,26 @@ def test_hyper_parameter_errors(kwargs, error, match) -> None:
     student, teacher, y, *_ = _inputs(num_exits=2)
     with pytest.raises(error, match=match):
         bss_kd_loss(student, teacher, y, **kwargs)
+
+
+def test_never_casts_an_input_down() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (4,), generator=g)
+    student = [torch.randn(4, 5, generator=g) for _ in range(2)]
+    teacher = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    loss = bss_kd_loss(student, teacher, y, reduction="none")
+    assert loss.dtype == torch.float64
+    reference = bss_kd_loss([z.double() for z in student], teacher, y, reduction="none")
+    torch.testing.assert_close(loss, reference, rtol=0, atol=0)
+    half = bss_kd_loss([z.half() for z in student], teacher.half(), y)
+    assert half.dtype == torch.float32
+    rows = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    with_bss = bss_kd_loss(
+        student,
+        teacher.float(),
+        y,
+        bss_student_logits=rows,
+        bss_teacher_logits=torch.randn(3, 5, generator=g),
+        bss_index=torch.tensor([0, 1, 3]),
+    )
+    assert with_bss.dtype == torch.float64

@@ -294,3 +294,35 @@ def test_torch_save_of_the_whole_wrapper_round_trips(tmp_path) -> None:
     for a, b in zip(loaded(x), model(x), strict=True):
         torch.testing.assert_close(a, b)
     assert loaded._session is not model._session
+
+
+def test_example_input_keeps_every_submodule_mode() -> None:
+    backbone = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Conv2d(4, 4, 3)
+    )
+    backbone.train()
+    backbone[1].eval()  # a frozen BatchNorm in a training backbone
+    backbone.eval()
+    backbone[3].train()  # Monte-Carlo dropout in an eval backbone
+    attach_exits(backbone, ["2"], num_classes=5, example_input=torch.rand(1, 3, 8, 8))
+    assert [m.training for m in backbone] == [False, False, False, True, False]
+
+
+def test_missing_stages_say_why() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.b(self.a(x))
+
+    model = attach_exits(Net(), ["a"], num_classes=3, example_input=torch.rand(1, 4))
+    for name in ("forward_stage", "forward_block", "forward_exit"):
+        with pytest.raises(
+            AttributeError, match="has no stages: its backbone is not an nn.Sequential"
+        ):
+            getattr(model, name)
+        assert not hasattr(model, name)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        model.nonexistent  # noqa: B018

@@ -221,6 +221,7 @@ def test_forward_backward_on_cpu_reaches_every_parameter() -> None:
         ({"image_size": 16.0}, TypeError, r"`image_size` must be an int or a pair .* float 16.0"),
         ({"image_size": "16"}, TypeError, r"`image_size` must be an int or a pair .* str '16'"),
         ({"reduction": "0.5"}, TypeError, r"`reduction` must be a real number, got str"),
+        ({"reduction": 0.05}, ValueError, r"`reduction`=0.05 leaves no channel in the transition"),
     ],
 )
 def test_bad_constructor_arguments_raise(
