@@ -68,7 +68,10 @@ def progress(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterable[Any]
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    total = len(iterable) if hasattr(iterable, "__len__") else None  # type: ignore[arg-type]
+    try:  # a DataLoader over an IterableDataset has __len__ but raises TypeError in it
+        total: int | None = len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)  # type: ignore[no-any-return]
 
 
@@ -114,9 +117,16 @@ def iterate_batches(
     non_blocking = device.type == "cuda"
     for index, batch in enumerate(progress(loader, enabled, desc)):
         images, labels = _split_batch(batch, index)
+        # Integer labels of any width (int32 from numpy arrays, uint8) become the int64
+        # class indices cross-entropy and gather need; other dtypes are left for the
+        # label check to refuse.
+        integer = not (labels.is_floating_point() or labels.is_complex())
+        long = integer and labels.dtype != torch.bool
         yield (
             images.to(device, non_blocking=non_blocking),
-            labels.to(device, non_blocking=non_blocking),
+            labels.to(
+                device, dtype=torch.long if long else labels.dtype, non_blocking=non_blocking
+            ),
         )
 
 

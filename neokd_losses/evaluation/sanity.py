@@ -39,7 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from neokd_losses._exits import stack_exits
-from neokd_losses._validation import check_int, check_real
+from neokd_losses._validation import check_int, check_module, check_real
 from neokd_losses.attacks.pgd import AttackMode, MultiExitPGD, ThreatModel
 from neokd_losses.attacks.policy import ExitPolicyAttack, check_thresholds, deployed_decision
 from neokd_losses.evaluation._loader import (
@@ -186,13 +186,13 @@ def _zero_gradient_fraction(
     """
     zero, nonfinite, total = 0, 0, 0
     for images, labels in batches:
-        x = images.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
+            x = images.detach().clone().requires_grad_(True)
             logits = stack_exits(model(x), name="model(images)")  # (E, B, K)
             num_exits = logits.shape[0]
             loss = F.cross_entropy(
                 rearrange(logits.float(), "e b k -> (e b) k"),
-                labels.repeat(num_exits),
+                labels.clone().repeat(num_exits),
                 reduction="sum",
             )
             (grad,) = torch.autograd.grad(loss / num_exits, x)
@@ -311,6 +311,7 @@ def sanity_checks(
     batches = list(
         itertools.islice(iterate_batches(loader, target, enabled=False, desc=""), max_batches)
     )
+    batches = [b for b in batches if b[1].shape[0] > 0]
     if not batches:
         raise ValueError("`loader` yielded no samples; pass a loader with at least one batch.")
     if large_eps is None:
@@ -516,9 +517,20 @@ def exit_sanity_checks(
     batches = [b for b in batches if b[1].shape[0] > 0]
     if not batches:
         raise ValueError("`loader` yielded no samples; pass a loader with at least one batch.")
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():  # batch statistics untouched
         num_exits = stack_exits(model(batches[0][0][:1]), name="model(images)").shape[0]
     t = None if thresholds is None else check_thresholds(thresholds, num_exits).tolist()
+    if surrogate is not None:
+        check_module(surrogate, "surrogate", returns="a list of E exit logits (B, K)")
+        with eval_mode(surrogate), torch.no_grad():
+            logits = surrogate(batches[0][0][:1])
+        source_exits = stack_exits(logits, name="surrogate(images)").shape[0]
+        if source_exits != num_exits:
+            raise ValueError(
+                f"`surrogate` must have the model's {num_exits} exits (each exit is "
+                f"attacked through the surrogate's exit of the same index), got "
+                f"{source_exits}."
+            )
     if large_eps is None:
         large_eps = 1.0 if norm == "Linf" else math.sqrt(batches[0][0][0].numel())
     large_eps = _positive(large_eps, "large_eps")
@@ -607,12 +619,12 @@ def exit_sanity_checks(
             )
             if surrogate is not None:
                 source_model, source, source_mode = surrogate, target, ("pgd",)
+            elif num_exits == 1:
+                continue  # no other exit to transfer from (the deployed target included)
             elif target is None:
                 source_model, source, source_mode = model, 0, ("single",)
-            elif num_exits > 1:
-                source_model, source, source_mode = model, (target + 1) % num_exits, ("single",)
             else:
-                continue
+                source_model, source, source_mode = model, (target + 1) % num_exits, ("single",)
             acc_transfer = accuracy(target, (source_model, source, source_mode), eps, many, 1)
             white = min(acc_few, acc_many)
             ok = acc_transfer >= white - tolerance

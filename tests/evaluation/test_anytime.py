@@ -304,3 +304,28 @@ def test_nan_logits_are_reported_not_scored() -> None:
     batches = [(torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 0]))]
     with pytest.raises(ValueError, match=r"`model\(images\)` contain NaN"):
         anytime_accuracy(NaNExit(), batches, progress=False)
+
+
+def test_iterable_dataset_loader_with_a_progress_bar() -> None:
+    # len() of a DataLoader over an IterableDataset raises TypeError: the bar has no total.
+    pytest.importorskip("tqdm")
+
+    class Stream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            g = torch.Generator().manual_seed(0)
+            for _ in range(10):
+                yield torch.rand(4, generator=g), int(torch.randint(0, 3, (1,), generator=g))
+
+    class Exits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [self.a(x), self.b(x)]
+
+    model = Exits().eval()
+    loader = DataLoader(Stream(), batch_size=4)
+    with_bar = anytime_accuracy(model, loader, progress=True)
+    assert with_bar == anytime_accuracy(model, loader, progress=False)
+    assert with_bar.num_samples == 10

@@ -367,3 +367,77 @@ def test_exit_sanity_checks_bad_input(trained: nn.Module) -> None:
         exit_sanity_checks(trained, [], eps=0.1, progress=False)
     with pytest.raises(ValueError, match="`steps`"):
         exit_sanity_checks(trained, _batches(x, y), eps=0.1, steps=(5, 2), progress=False)
+    with pytest.raises(TypeError, match="`surrogate` must be an nn.Module"):
+        exit_sanity_checks(trained, _batches(x, y), eps=0.1, surrogate="x", progress=False)  # type: ignore[arg-type]
+
+    class TwoExits(nn.Module):
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return trained(x)[:2]
+
+    with pytest.raises(ValueError, match="`surrogate` must have the model's 3 exits .* got 2"):
+        exit_sanity_checks(trained, _batches(x, y), eps=0.1, surrogate=TwoExits(), progress=False)
+
+
+class WithBatchNorm(nn.Module):
+    """PrototypeExits behind a BatchNorm1d: a forward in training mode moves its statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(DIM, affine=False)
+        self.exits = PrototypeExits()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.exits(self.norm(x) * 0.1 + 0.5)
+
+
+def test_checks_leave_a_training_model_untouched() -> None:
+    model = WithBatchNorm().train()
+    x, y = blobs(8, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exit_sanity_checks(model, _batches(x, y), eps=0.1, steps=(1, 1), progress=False)
+        sanity_checks(model, _batches(x, y), eps=0.1, steps=(1, 2), progress=False)
+    assert model.training and model.norm.training
+    assert int(model.norm.num_batches_tracked) == 0  # no forward ran in training mode
+
+
+def test_empty_batches_inference_mode_and_integer_labels(trained: nn.Module) -> None:
+    x, y = blobs(16, seed=3)
+    empty = (x[:0], y[:0])
+    data = [empty, (x[:8], y[:8].int()), (x[8:], y[8:].to(torch.uint8))]
+    kwargs = {"eps": 0.1, "steps": (1, 2), "progress": False, "warn": False}
+    reference = sanity_checks(trained, [(x[:8], y[:8]), (x[8:], y[8:])], **kwargs)
+    assert sanity_checks(trained, data, **kwargs) == reference
+    with torch.inference_mode():
+        assert sanity_checks(trained, data, **kwargs) == reference
+    deployed = exit_sanity_checks(
+        trained, data, eps=0.1, steps=(1, 1), thresholds=[0.5, 0.5, 0.0], progress=False, warn=False
+    )
+    assert len(deployed.checks) == 12
+
+
+def test_one_exit_model_has_no_transfer_check() -> None:
+    class OneExit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.exits = PrototypeExits()
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return self.exits(x)[:1]
+
+    x, y = blobs(8, seed=4)
+    report = exit_sanity_checks(
+        OneExit().eval(),
+        _batches(x, y),
+        eps=0.1,
+        steps=(1, 1),
+        thresholds=[0.0],
+        progress=False,
+        warn=False,
+    )
+    assert [c.name for c in report.checks] == [
+        "exit 1: more_steps_not_weaker",
+        "exit 1: large_eps_breaks_model",
+        "deployed: more_steps_not_weaker",
+        "deployed: large_eps_breaks_model",
+    ]
