@@ -287,6 +287,11 @@ def validate(config: Config) -> Config:
     _choice("run.amp", r.amp, AMP_MODES)
     _choice("run.channels_last", r.channels_last, ("auto", "on", "off"))
     _choice("eval.suite", config.eval.suite, EVAL_SUITES)
+    if d.augment and d.dataset in ("digits", "mnist"):
+        raise ConfigError(
+            f"`data.augment` has no augmentation defined for {d.dataset!r} (crops and flips "
+            "are for the CIFAR, Tiny-ImageNet and ImageNet settings); set it to false."
+        )
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device):
         raise ConfigError(f"`run.device` must be {DEVICES_HINT}, got {r.device!r}.")
     for key, value in (

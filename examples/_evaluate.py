@@ -303,11 +303,14 @@ def evaluate(
     }
     num_exits = transfer.num_exits
     log.info("early exit: wall-clock time of real early exit vs the full forward ...")
+    # Images and labels in dataset order (the gathered logits are in rank order under
+    # torchrun: rank 0's samples, then rank 1's).
     test_images = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
+    test_labels = torch.as_tensor([int(splits.test[i][1]) for i in range(len(splits.test))])
     timing = early_exit_timing(
         model,
         test_images,
-        logits["clean"][1],
+        test_labels,
         val_logits["clean"][0],
         costs,
         config.eval.batch_size,

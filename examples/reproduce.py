@@ -396,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or DEFAULT_METHODS.get(args.setting, PAPER_METHODS)
     results: dict[str, dict[str, Any]] = {}
     summary_name = "summary"
+    import train  # its errors map to train.py's exit codes
+
     try:
         if args.paired:
             by_attack: dict[str, dict[str, dict[str, Any]]] = {}
@@ -409,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             root = setting_root(args)
             results = _run_all(args, methods, root)
-    except (ConfigError, DatasetError, FileNotFoundError, ValueError) as err:
+    except train.NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except (ConfigError, DatasetError, *train._EXIT_2_ERRORS, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         if "different configuration" in str(err):
             print(

@@ -726,8 +726,10 @@ def train_one_epoch(
                 clean=f"{(stats['clean_correct'].mean() / seen).item():.3f}",
                 adv=f"{(stats['adv_correct'].mean() / seen).item():.3f}",
             )
-        # Every rank stops at the same step, whichever of them got the signal.
-        if _any_rank(stop.requested, env.device):
+        # Every rank stops at the same step, whichever of them got the signal. At the
+        # epoch's last batch the epoch ends instead (its checkpoint is an epoch boundary,
+        # where a resume may change the number of processes); the run stops after it.
+        if _any_rank(stop.requested, env.device) and batch + 1 < len(loop.loader):
             loop.save(epoch, batch + 1, stats)
             return batch + 1
     if bar is not loop.loader:
@@ -1096,6 +1098,16 @@ def train_and_evaluate(
             position = train_one_epoch(loop, epoch, skip, stats, stop, hooks, progress)
             if position is not None:
                 return stopped(stop, epoch, f"at epoch {epoch + 1}, batch {position}")
+            # The loss check runs before each update; the epoch's last update is checked
+            # here, before a checkpoint (the final one included) can hold its weights.
+            finite = all(bool(torch.isfinite(p).all()) for p in loop.model.parameters())
+            if _any_rank(not finite, device):
+                raise NonFiniteLossError(
+                    f"the weights became NaN or infinite in the last update of epoch "
+                    f"{epoch + 1}; no checkpoint holds them (the last one in {out_dir}, if "
+                    "any, is from an earlier epoch). Lower optim.lr or try run.amp = "
+                    "'bf16' / 'none' and start over with --overwrite."
+                )
             lr = loop.optimizer.param_groups[0]["lr"]
             loop.scheduler.step()
             entry = epoch_entry(epoch, lr, stats, time.perf_counter() - started)

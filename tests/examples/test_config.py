@@ -113,6 +113,7 @@ def test_paper_hyper_parameters() -> None:
         ({"run.device": "cuda:x"}, r"`run.device` must be 'auto', 'cpu'.*got 'cuda:x'"),
         ({"loss.neokd": 3}, r"`loss.neokd` must be a table"),
         ({"data": 1}, r"`\[data\]` must be a table"),
+        ({"data.augment": True}, r"`data.augment` has no augmentation defined for 'digits'"),
     ],
 )
 def test_invalid_values_name_key_and_value(overrides: dict, match: str) -> None:

@@ -66,6 +66,19 @@ def test_two_process_gloo_run(tmp_path: Path) -> None:
     with torch.no_grad():
         correct = [int((z.argmax(1) == labels).sum()) for z in model.eval()(images)]
     assert results["anytime"]["clean"]["correct"] == correct
+    # Real early exit: predictions compared with the labels of the same images (the
+    # gathered logits are in rank order, the images in dataset order).
+    from neokd_losses.evaluation import exit_proportions, fit_thresholds
+    from neokd_losses.inference import EarlyExitClassifier
+
+    val_images = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
+    with torch.no_grad():
+        val_logits = torch.stack(model(val_images))
+        for row in results["early_exit"]:
+            q = exit_proportions(row["budget_index"], val_logits.shape[0])
+            classifier = EarlyExitClassifier(model, fit_thresholds(val_logits, q))
+            accuracy = float((classifier(images).prediction == labels).double().mean())
+            assert abs(row["accuracy"] - accuracy) <= 1 / len(labels) + 1e-12, (row, accuracy)
     saved = _checkpoint.load(out / "checkpoint.pt")
     assert saved["world_size"] == 2 and len(saved["ranks"]) == 2
     # Both ranks keep their own RNG streams (different attack random starts).

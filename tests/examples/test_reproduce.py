@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import reproduce
@@ -191,3 +192,24 @@ def test_bad_nproc_per_node_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
         reproduce.main(["digits", "--nproc-per-node", "0", "--out-root", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "--nproc-per-node must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_training_failures_keep_train_py_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import train
+
+    def diverge(*args: Any, **kwargs: Any) -> Any:
+        raise train.NonFiniteLossError("non-finite loss (nan) at epoch 1, batch index 0")
+
+    monkeypatch.setattr(train, "run", diverge)
+    argv = ["digits", "--methods", "adv", "--out-root", str(tmp_path)]
+    assert reproduce.main(argv) == 3
+    assert "error: non-finite loss (nan)" in capsys.readouterr().err
+
+    def unwritable(*args: Any, **kwargs: Any) -> Any:
+        raise train.OutputError(f"cannot write {tmp_path}: Permission denied")
+
+    monkeypatch.setattr(train, "run", unwritable)
+    assert reproduce.main(argv) == 2
+    assert "error: cannot write" in capsys.readouterr().err

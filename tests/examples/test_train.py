@@ -131,6 +131,57 @@ def test_signal_mid_epoch_then_resume_is_exact(
     assert _log_without_times(config) == _log_without_times(reference)
 
 
+def test_signal_at_the_last_batch_of_an_epoch_stops_at_the_epoch_boundary(
+    tiny_config: Any, reference: Config
+) -> None:
+    config = tiny_config("boundary", **RESUME)
+
+    def send(epoch: int, batch: int) -> None:
+        if (epoch, batch) == (0, 3):  # the last of 4 batches
+            signal.raise_signal(signal.SIGTERM)
+
+    outcome = train.run(
+        config, progress=False, quiet=True, evaluate=False, hooks=train.Hooks(after_step=send)
+    )
+    assert (outcome.status, outcome.exit_code) == ("interrupted", 143)
+    saved = _checkpoint.load(config.out_dir / train.CHECKPOINT)
+    assert (saved["epoch"], saved["batch"], saved["finished"]) == (1, 0, False)
+    assert len(read_log(config.out_dir / train.LOG)) == 1  # the epoch was logged
+    resumed = train.run(config, resume=True, progress=False, quiet=True, evaluate=False)
+    assert resumed.status == "finished"
+    ref, got = _weights(reference), _weights(config)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert _log_without_times(config) == _log_without_times(reference)
+
+
+def test_non_finite_weights_after_the_last_update_stop_the_run(
+    tiny_config: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config("nan-weights", **{**RESUME, "optim__epochs": 1})
+    loops: list[Any] = []
+    original = train.build_loop
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        loops.append(original(*args, **kwargs))
+        return loops[-1]
+
+    def break_weights(epoch: int, batch: int) -> None:  # as a diverging last update would
+        if batch == 3:
+            with torch.no_grad():
+                next(loops[-1].model.parameters()).fill_(math.inf)
+
+    monkeypatch.setattr(train, "build_loop", capture)
+    with pytest.raises(
+        train.NonFiniteLossError,
+        match=r"weights became NaN or infinite in the last update of epoch 1",
+    ):
+        train.run(config, progress=False, quiet=True, hooks=train.Hooks(after_step=break_weights))
+    path = config.out_dir / train.CHECKPOINT
+    if path.exists():  # no checkpoint holds the broken weights
+        saved = _checkpoint.load(path)
+        assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
 def test_extending_a_finished_run_is_exact(tiny_config: Any, reference: Config) -> None:
     short = tiny_config("extended", **{**RESUME, "optim__epochs": 1})
     train.run(short, progress=False, quiet=True, evaluate=False)
