@@ -486,7 +486,9 @@ class ShardedSampler(Sampler[int]):
 
     def _indices(self) -> list[int]:
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            # Not seed + epoch: seed s at epoch e + 1 would draw seed s + 1's order at
+            # epoch e, so runs of consecutive seeds would share their data orders.
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
             order = torch.randperm(self.size, generator=g).tolist()
         else:
             order = list(range(self.size))

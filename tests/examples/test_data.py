@@ -208,7 +208,8 @@ def test_sharded_sampler_partitions_and_pads(size: int, world: int) -> None:
     )
     flat = [i for x in shares for i in x]
     assert set(flat) == set(range(size)) and len(flat) == -(-size // world) * world
-    expected = torch.randperm(size, generator=torch.Generator().manual_seed(5 + 2)).tolist()
+    expected = torch.randperm(size, generator=torch.Generator().manual_seed(5 * 1_000_003 + 2))
+    expected = expected.tolist()
     assert shares[0][0] == expected[0]
     # Evaluation: no padding, every index exactly once.
     evals = [
@@ -228,6 +229,16 @@ def test_sharded_sampler_order_depends_on_epoch_only_and_skip_resumes() -> None:
     assert list(s) == first
     s.set_epoch(0, skip=8)
     assert list(s) == first[8:] and len(s) == 12
+
+
+def test_consecutive_seeds_do_not_share_data_orders() -> None:
+    def order(seed: int, epoch: int) -> list[int]:
+        s = ShardedSampler(range(50), seed=seed)
+        s.set_epoch(epoch)
+        return list(s)
+
+    orders = [order(seed, epoch) for seed in range(3) for epoch in range(20)]
+    assert len({tuple(o) for o in orders}) == len(orders)
 
 
 class _RandomlyAugmented(torch.utils.data.Dataset):
