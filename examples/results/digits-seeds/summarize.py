@@ -60,7 +60,10 @@ def main() -> None:
         "with `--eval-suite strong` for the seed-0 runs of `adv` and `neokd` (their strong-suite "
         "numbers are in `strong.md`; those two were trained again with the tree of commit "
         "407fbdc and evaluated with that of 8d0e93e, reproducing every number of this page "
-        "exactly). Each JSON's `config.loss` records the loss settings. "
+        "exactly). The seed-1 and seed-2 runs were made again with the tree of commit "
+        "df1bf02, whose data order is seeded with seed * 1000003 + epoch (with seed + epoch, "
+        "seed s at epoch e + 1 drew seed s + 1's order at epoch e; seed 0 is unchanged). "
+        "Each JSON's `config.loss` records the loss settings. "
         "Two runs at a time shared 2 CPU cores with other jobs.\n"
     )
     print("## Mean ± standard deviation over seeds (range in brackets)\n")
