@@ -10,7 +10,7 @@ the reference loop's randomness (read from examples/train.py and examples/_data.
   dedicated generators, so the model is the first thing the global RNG makes;
 - the digits split: one ``randperm`` of the 1797 images with ``split_seed`` (test, then
   validation, then training images, the first ``train_cap`` of them kept);
-- the batch order of epoch e: ``randperm`` of the training images with ``seed + e``, the
+- the batch order of epoch e: ``randperm`` of the training images with ``seed * 1000003 + e``, the
   last batch smaller when the batch size does not divide the training set;
 - the attack's random starts from a generator seeded ``1000 * seed + 1``, the EOKD masks
   from one seeded ``1000 * seed + 2``; the attack runs the model in eval mode (no dropout
@@ -160,7 +160,7 @@ def naive_loop(
     neokd = cfg["loss"]["neokd"]
     n, batch = len(y_train), o["batch_size"]
     for epoch in range(o["epochs"]):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for start in range(0, n, batch):
             idx = order[start : start + batch]
             x, y = x_train[idx], y_train[idx]
