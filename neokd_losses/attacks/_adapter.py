@@ -208,7 +208,7 @@ class MultiExitAttack(Attack):  # type: ignore[misc]
         device = module_device(self._exit_model, images)
         with torch.inference_mode(False), torch.enable_grad():
             x0 = images.detach().to(device).clone()
-            y = labels.detach().to(device).clone()
+            y = labels.detach().to(device, torch.long).clone()  # int32, uint8 class indices too
             adv = self._attack(x0, y)
         out_device = device if self._outputs_on_model_device else images.device
         return adv.detach().to(device=out_device, dtype=images.dtype)

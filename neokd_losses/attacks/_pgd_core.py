@@ -922,6 +922,8 @@ def run_pgd(
     with torch.inference_mode(False), torch.enable_grad():
         x0 = images.detach().to(device).clone()
         y = labels.detach().to(device).clone()
+        if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+            y = y.long()  # int32, uint8 class indices too (other kinds are refused below)
         if batch == 0:
             check_targets(y, 0, 1, name=name)
             return x0

@@ -317,7 +317,7 @@ def multi_exit_apgd(
     # images at the end, so the result stays in the ball (as multi_exit_pgd does).
     dtype = images.dtype
     x0 = images.detach().to(torch.promote_types(dtype, torch.float32))
-    y = labels.detach()
+    y = labels.detach().long()  # int32, uint8 class indices too
     forward = _cast_input(forward)
     with torch.no_grad():
         clean = stack_exits(as_exit_list(forward(x0), "model"), name="model output")

@@ -358,3 +358,28 @@ def test_images_in_another_dtype_than_the_model() -> None:
         assert float((adv - x).abs().max()) <= 0.1
     functional = multi_exit_apgd(model, x, y, eps=0.1, steps=3)
     assert functional.dtype == torch.float64 and float((functional - x).abs().max()) <= 0.1
+
+
+def test_integer_labels_of_any_width() -> None:
+    from neokd_losses.attacks import MultiExitPGD
+    from neokd_losses.functional import multi_exit_pgd
+
+    model = TinyMultiExit(num_classes=5).eval()
+    x = torch.rand(4, 1, 8, 8)
+    y = torch.tensor([0, 3, 4, 1])
+    for attack in (
+        lambda labels: MultiExitPGD(model, eps=0.1, alpha=0.02, steps=2, random_start=False)(
+            x, labels
+        ),
+        lambda labels: multi_exit_pgd(
+            model, x, labels, eps=0.1, alpha=0.02, steps=2, random_start=False
+        ),
+        lambda labels: MultiExitAPGD(
+            model, eps=0.1, steps=2, generator=torch.Generator().manual_seed(0)
+        )(x, labels),
+    ):
+        reference = attack(y)
+        for dtype in (torch.int32, torch.uint8):
+            assert torch.equal(attack(y.to(dtype)), reference)
+    with pytest.raises(TypeError, match="labels"):
+        multi_exit_pgd(model, x, y.float(), eps=0.1, alpha=0.02, steps=1)
