@@ -113,8 +113,8 @@ def activation_boundary_loss(
         TypeError: for features that are not tensors or sequences of tensors, integer
             features, or a non-numeric margin.
         ValueError: for an empty sequence, sequences of different lengths, mismatched
-            shapes (use a connector), features without a batch dimension, a negative
-            margin, bad ``exit_weights`` or ``reduction``.
+            shapes (use a connector), features without a batch dimension or with an
+            empty batch, a negative margin, bad ``exit_weights`` or ``reduction``.
 
     Shape:
         - student_features, teacher_features: (B, ...) each, or sequences of E tensors
@@ -172,6 +172,12 @@ def activation_boundary_loss(
             raise ValueError(
                 f"every layer must have the same batch size, got {students[0].shape[0]} and "
                 f"{s.shape[0]} (layer {i})."
+            )
+        if s.shape[0] == 0:
+            raise ValueError(
+                f"`student_features{where}` hold an empty batch (B = 0, shape "
+                f"{tuple(s.shape)}): a loss over no samples is undefined (its mean is NaN). "
+                "Skip empty batches before the loss."
             )
         rows.append(_hinge_squared(s, t.detach() if detach_teacher else t, m))
     loss = torch.stack([r.to(rows[0].dtype) for r in rows])

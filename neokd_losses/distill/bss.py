@@ -188,7 +188,7 @@ def bss_kd_loss(
             non-numeric coefficients.
         ValueError: for mismatched shapes, targets or ``bss_index`` out of range, negative
             coefficients or weights, bad ``exit_weights``, ``temperature`` or
-            ``reduction``, or only some of the ``bss_*`` arguments.
+            ``reduction``, only some of the ``bss_*`` arguments, or an empty batch.
 
     Shape:
         - student_logits: sequence of E tensors (B, K); teacher_logits: (B, K).
@@ -218,6 +218,12 @@ def bss_kd_loss(
     check_reduction(reduction)
     student = stack_exits(student_logits, "student_logits")
     num_exits, batch, num_classes = student.shape
+    if batch == 0:
+        raise ValueError(
+            f"`student_logits` hold an empty batch (B = 0, exits of shape "
+            f"{tuple(student.shape[1:])}): a loss over no samples is undefined (its mean is "
+            "NaN). Skip empty batches before the loss."
+        )
     # float32 at least, float64 when any input is: never cast an input down.
     dtype = _promoted(student, teacher_logits, bss_student_logits, bss_teacher_logits)
     student = student.to(dtype)

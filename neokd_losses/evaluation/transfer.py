@@ -16,9 +16,10 @@ Two ways of counting a success are offered (``count=``):
 
 - ``"all"``: the misclassification rate over all N samples,
   M_ij = 1/N Σ_n 1[ŷ_j(x_n^(i)) ≠ y_n], so samples that exit j already gets wrong on
-  clean inputs count as successes and every entry of column j is at least exit j's
-  clean error (with ε = 0 every row is the clean error rate). It was the only
-  definition in earlier releases of this library.
+  clean inputs count as successes: the diagonal is at least exit j's clean error, and
+  off-diagonal entries usually are too (an attack on exit i can also correct some of
+  exit j's clean mistakes; with ε = 0 every row is the clean error rate). It was the
+  only definition in earlier releases of this library.
 
 Here x^(i) = PGD-single on exit i and ŷ_j the prediction of exit j. The diagonal is
 each exit's own single-attack success rate; the mean of the off-diagonal entries

@@ -441,3 +441,16 @@ def test_never_casts_an_input_down() -> None:
         bss_index=torch.tensor([0, 1, 3]),
     )
     assert with_bss.dtype == torch.float64
+
+
+def test_empty_batch_raises() -> None:
+    from neokd_losses.distill.activation_boundary import activation_boundary_loss
+
+    with pytest.raises(ValueError, match=r"empty batch \(B = 0"):
+        bss_kd_loss(
+            [torch.randn(0, 10) for _ in range(2)],
+            torch.randn(0, 10),
+            torch.zeros(0, dtype=torch.long),
+        )
+    with pytest.raises(ValueError, match=r"empty batch \(B = 0"):
+        activation_boundary_loss([torch.randn(0, 4)], [torch.randn(0, 4)])
