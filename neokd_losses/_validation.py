@@ -28,6 +28,7 @@ __all__ = [
     "RANGE_TOLERANCE",
     "ExitWeights",
     "Reduction",
+    "as_class_indices",
     "as_exit_weights",
     "check_bool",
     "check_coefficient",
@@ -215,6 +216,23 @@ def check_generator(generator: object) -> None:
 # --------------------------------------------------------------------------- tensors
 
 
+def _integer(values: Tensor) -> bool:
+    """True for integer dtypes of any width (int64, int32, uint8, ...), not bool."""
+    return not (values.dtype == torch.bool or values.is_floating_point() or values.is_complex())
+
+
+def as_class_indices(labels: Tensor) -> Tensor:
+    """``labels`` as int64 if they are integers of another width (int32 from NumPy arrays,
+    uint8), the dtype cross-entropy and ``gather`` need; other tensors unchanged, for
+    :func:`check_targets` to refuse.
+
+    Example:
+        >>> as_class_indices(torch.tensor([1, 2], dtype=torch.uint8)).dtype
+        torch.int64
+    """
+    return labels.long() if _integer(labels) else labels
+
+
 def check_targets(
     targets: object, batch_size: int, num_classes: int, name: str = "targets"
 ) -> None:
@@ -231,7 +249,7 @@ def check_targets(
         raise TypeError(
             f"`{name}` must be a Tensor of class indices (B,), got {type(targets).__name__}."
         )
-    if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex():
+    if not _integer(targets):
         raise TypeError(
             f"`{name}` must hold integer class indices (torch.long), got dtype {targets.dtype}. "
             "Soft or one-hot targets are not accepted; pass `targets.argmax(-1)`."

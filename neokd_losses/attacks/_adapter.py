@@ -23,6 +23,7 @@ from torchattacks.attack import Attack
 
 from neokd_losses._validation import (
     RANGE_TOLERANCE,
+    as_class_indices,
     check_image_kind,
     check_image_range,
     first_device,
@@ -208,7 +209,7 @@ class MultiExitAttack(Attack):  # type: ignore[misc]
         device = module_device(self._exit_model, images)
         with torch.inference_mode(False), torch.enable_grad():
             x0 = images.detach().to(device).clone()
-            y = labels.detach().to(device, torch.long).clone()  # int32, uint8 class indices too
+            y = as_class_indices(labels.detach().to(device).clone())
             adv = self._attack(x0, y)
         out_device = device if self._outputs_on_model_device else images.device
         return adv.detach().to(device=out_device, dtype=images.dtype)

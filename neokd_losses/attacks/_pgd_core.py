@@ -38,6 +38,7 @@ from neokd_losses._cross_entropy import per_exit_cross_entropy
 from neokd_losses._exits import stack_exits
 from neokd_losses._validation import (
     ExitWeights,
+    as_class_indices,
     as_exit_weights,
     check_exit_index,
     check_generator,
@@ -921,9 +922,7 @@ def run_pgd(
     device = module_device(model, images)
     with torch.inference_mode(False), torch.enable_grad():
         x0 = images.detach().to(device).clone()
-        y = labels.detach().to(device).clone()
-        if not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
-            y = y.long()  # int32, uint8 class indices too (other kinds are refused below)
+        y = as_class_indices(labels.detach().to(device).clone())  # others refused below
         if batch == 0:
             check_targets(y, 0, 1, name=name)
             return x0

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from neokd_losses._cross_entropy import per_exit_cross_entropy, working_dtype
 from neokd_losses._exits import stack_exits
 from neokd_losses._validation import (
+    as_class_indices,
     as_exit_weights,
     check_exit_index,
     check_generator,
@@ -317,7 +318,7 @@ def multi_exit_apgd(
     # images at the end, so the result stays in the ball (as multi_exit_pgd does).
     dtype = images.dtype
     x0 = images.detach().to(torch.promote_types(dtype, torch.float32))
-    y = labels.detach().long()  # int32, uint8 class indices too
+    y = as_class_indices(labels.detach())
     forward = _cast_input(forward)
     with torch.no_grad():
         clean = stack_exits(as_exit_list(forward(x0), "model"), name="model output")

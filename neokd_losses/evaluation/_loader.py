@@ -17,7 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from neokd_losses._exits import stack_exits
-from neokd_losses._validation import check_module, check_targets, first_device, preserved_modes
+from neokd_losses._validation import (
+    as_class_indices,
+    check_module,
+    check_targets,
+    first_device,
+    preserved_modes,
+)
 from neokd_losses.evaluation._finite import check_no_nan
 
 __all__ = [
@@ -44,9 +50,9 @@ Attack = Callable[[Tensor, Tensor], Tensor]
 """Anything called as ``attack(images, labels) -> adversarial images`` (torchattacks API)."""
 
 
-def check_model(model: object) -> nn.Module:
+def check_model(model: object, name: str = "model") -> nn.Module:
     """Return ``model`` if it is an ``nn.Module``, else raise a TypeError naming the fix."""
-    return check_module(model, returns="a list of E exit logits (B, K)")
+    return check_module(model, name, returns="a list of E exit logits (B, K)")
 
 
 def resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -117,16 +123,9 @@ def iterate_batches(
     non_blocking = device.type == "cuda"
     for index, batch in enumerate(progress(loader, enabled, desc)):
         images, labels = _split_batch(batch, index)
-        # Integer labels of any width (int32 from numpy arrays, uint8) become the int64
-        # class indices cross-entropy and gather need; other dtypes are left for the
-        # label check to refuse.
-        integer = not (labels.is_floating_point() or labels.is_complex())
-        long = integer and labels.dtype != torch.bool
         yield (
             images.to(device, non_blocking=non_blocking),
-            labels.to(
-                device, dtype=torch.long if long else labels.dtype, non_blocking=non_blocking
-            ),
+            as_class_indices(labels.to(device, non_blocking=non_blocking)),
         )
 
 

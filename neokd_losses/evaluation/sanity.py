@@ -39,7 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from neokd_losses._exits import stack_exits
-from neokd_losses._validation import check_int, check_module, check_real
+from neokd_losses._validation import check_int, check_real
 from neokd_losses.attacks.pgd import AttackMode, MultiExitPGD, ThreatModel
 from neokd_losses.attacks.policy import ExitPolicyAttack, check_thresholds, deployed_decision
 from neokd_losses.evaluation._loader import (
@@ -521,7 +521,7 @@ def exit_sanity_checks(
         num_exits = stack_exits(model(batches[0][0][:1]), name="model(images)").shape[0]
     t = None if thresholds is None else check_thresholds(thresholds, num_exits).tolist()
     if surrogate is not None:
-        check_module(surrogate, "surrogate", returns="a list of E exit logits (B, K)")
+        check_model(surrogate, "surrogate")
         with eval_mode(surrogate), torch.no_grad():
             logits = surrogate(batches[0][0][:1])
         source_exits = stack_exits(logits, name="surrogate(images)").shape[0]

@@ -132,31 +132,27 @@ class SmallCNN(nn.Module):
         Block 0 takes the images (B, C, 28, 28) and checks them; block 2 ends with the
         last exit's logits.
         """
-        if index == 0:
+        i = self._stage_index(index)
+        if i == 0:
             check_image_input(
                 state, self.in_channels, (_IMAGE_SIZE, _IMAGE_SIZE), type(self).__name__
             )
-            h1: Tensor = self.block1(state)
-            return h1
-        if index == 1:
-            h2: Tensor = self.block2(state)
-            return h2
-        if index == 2:
-            z3: Tensor = self.block3(state)
-            return z3
-        raise ValueError(f"SmallCNN has stages 0, 1 and 2, got index {index!r}.")
+        features: Tensor = (self.block1, self.block2, self.block3)[i](state)
+        return features
 
     def forward_exit(self, index: int, features: Tensor) -> Tensor:
         """Exit ``index``'s logits from block ``index``'s features (block 2's are the logits)."""
-        if index == 0:
-            z1: Tensor = self.exit1(features)
-            return z1
-        if index == 1:
-            z2: Tensor = self.exit2(features)
-            return z2
-        if index == 2:
+        i = self._stage_index(index)
+        if i == 2:
             return features
-        raise ValueError(f"SmallCNN has stages 0, 1 and 2, got index {index!r}.")
+        logits: Tensor = (self.exit1, self.exit2)[i](features)
+        return logits
+
+    @staticmethod
+    def _stage_index(index: int) -> int:
+        if index not in (0, 1, 2):
+            raise ValueError(f"SmallCNN has stages 0, 1 and 2, got index {index!r}.")
+        return int(index)
 
     def forward_stage(self, index: int, state: StageState) -> tuple[StageState, Tensor]:
         """Stage ``index`` (0, 1, 2): block ``index``'s features and the exit's logits.

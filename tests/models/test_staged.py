@@ -107,14 +107,20 @@ def test_msdnet_forward_is_bit_identical_to_the_unstaged_computation() -> None:
 # --- run_until -------------------------------------------------------------------------
 
 
+def _built_in(kind: str) -> tuple[nn.Module, Tensor]:
+    """SmallCNN (last layer drawn: it starts at zero) or a mini MSDNet, and an input."""
+    if kind == "small_cnn":
+        model = SmallCNN()
+        nn.init.normal_(model.block3[-1].weight)  # type: ignore[index, arg-type]
+        return model, torch.rand(3, 1, 28, 28)
+    return _mini_msdnet(), torch.rand(3, 3, 32, 32)
+
+
 @pytest.mark.parametrize("kind", ["small_cnn", "msdnet", "sequential", "chain", "chain_output"])
 def test_run_until_equals_the_first_exits_of_the_forward(kind: str) -> None:
     model: nn.Module
-    if kind == "small_cnn":
-        model, x = SmallCNN(), torch.rand(3, 1, 28, 28)
-        nn.init.normal_(model.block3[-1].weight)  # type: ignore[index, arg-type]
-    elif kind == "msdnet":
-        model, x = _mini_msdnet(), torch.rand(3, 3, 32, 32)
+    if kind in ("small_cnn", "msdnet"):
+        model, x = _built_in(kind)
     elif kind == "sequential":
         model = attach_exits(_sequential(), ["1", "3"], 5, include_output=True)
         x = torch.rand(3, 3, 8, 8)
@@ -225,11 +231,8 @@ def test_staged_protocol_membership() -> None:
 def test_split_stages_compose_to_forward_stage(kind: str) -> None:
     # forward_block then forward_exit is forward_stage, bit for bit, on every stage.
     model: nn.Module
-    if kind == "small_cnn":
-        model, x = SmallCNN(), torch.rand(3, 1, 28, 28)
-        nn.init.normal_(model.block3[-1].weight)  # type: ignore[index, arg-type]
-    elif kind == "msdnet":
-        model, x = _mini_msdnet(), torch.rand(3, 3, 32, 32)
+    if kind in ("small_cnn", "msdnet"):
+        model, x = _built_in(kind)
     else:
         model = attach_exits(
             _sequential(), ["3", "1"], 5, include_output=kind == "sequential_output"
